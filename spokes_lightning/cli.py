@@ -1,0 +1,172 @@
+"""The ``spokes`` command line (also ``python -m spokes_lightning``).
+
+    spokes select --method spokes --features F.npy [--quality Q.npy] --budget B --out OUT.npy
+    spokes gvendi --features F.npy [--indices I.npy] [--batch-size B --batches M --seed S]
+
+Stdout carries exactly one JSON line; logs and progress go to stderr. Bad input: one line
+on stderr, exit code 2, and OUT is not created.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import save_npy_atomic
+from .budget import budget_to_count, parse_budget
+from .errors import UserError, user_errors_exit
+from .selectors import SelectionInputs, available_methods, get_selector
+from .spokes import selection_scores
+
+
+def load_matrix(path: str, what: str = "features") -> np.ndarray:
+    """N x d float matrix from .npy, memory-mapped (never read whole into RAM)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # corrupt or not an .npy
+        raise UserError(f"cannot read {what} file {path}: {exc.__class__.__name__}: {exc}") from None
+    if arr.ndim != 2:
+        raise UserError(f"{what} must be a 2-d N x d matrix, {path} has shape {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise UserError(f"{what} must be float16/float32/float64, {path} is {arr.dtype}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise UserError(f"{what} file {path} is empty (shape {arr.shape})")
+    check_finite(arr, what)
+    return arr
+
+
+def check_finite(arr: np.ndarray, what: str, chunk_rows: int = 65536) -> None:
+    for start in range(0, arr.shape[0], chunk_rows):
+        block = np.asarray(arr[start : start + chunk_rows])
+        ok = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if not ok.all():
+            raise UserError(f"{what} contain NaN or Inf (first bad row: {start + int(np.flatnonzero(~ok)[0])})")
+
+
+def load_vector(path: str, n: int, what: str = "quality") -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise UserError(f"cannot read {what} file {path}: {exc}") from None
+    arr = np.asarray(arr, dtype=np.float64).reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise UserError(f"{what} has shape {tuple(arr.shape)} but features have N = {n} rows")
+    if not np.isfinite(arr).all():
+        raise UserError(f"{what} contains NaN or Inf (first bad row: {int(np.flatnonzero(~np.isfinite(arr))[0])})")
+    return np.asarray(arr, dtype=np.float64)
+
+
+def parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--param expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def cmd_select(args) -> dict:
+    if args.alpha is not None and (not 0.0 <= args.alpha <= 1.0 or math.isnan(args.alpha)):
+        raise UserError(f"alpha must be in [0, 1], got {args.alpha}")
+    params = parse_params(args.param)
+    selector = get_selector(args.method, **params)
+    features = load_matrix(args.features, "features")
+    n = features.shape[0]
+    k = budget_to_count(parse_budget(args.budget), n)
+    quality = load_vector(args.quality, n) if args.quality else None
+    if args.method == "spokes":
+        selector.params.update(alpha=args.alpha or 0.0, steps=args.steps, step_rule=args.step_rule,
+                               lr=args.lr, drop_zero_rows=args.drop_zero_rows)
+    inputs = SelectionInputs(quality=quality)
+    setattr(inputs, selector.feature_field, features)
+    if args.out and Path(args.out).parent and not Path(args.out).parent.exists():
+        raise UserError(f"output directory does not exist: {Path(args.out).parent}")
+    result = selector.select(inputs, k, seed=args.seed)
+    indices = np.asarray(result.indices, dtype=np.int64)
+    gvendi, mean_q = selection_scores(features, quality, indices)
+    save_npy_atomic(args.out, indices)
+    return {"method": args.method, "n": n, "selected": int(len(indices)), "gvendi": gvendi,
+            "mean_quality": mean_q}
+
+
+def cmd_gvendi(args) -> dict:
+    from .vendi import batch_vendi_score, vendi_score
+
+    features = load_matrix(args.features, "features")
+    indices = None
+    if args.indices:
+        if not Path(args.indices).is_file():
+            raise UserError(f"indices file not found: {args.indices}")
+        indices = np.load(args.indices, allow_pickle=False).astype(np.int64).reshape(-1)
+        if len(indices) == 0 or indices.min() < 0 or indices.max() >= features.shape[0]:
+            raise UserError(f"indices must be non-empty and in [0, {features.shape[0]})")
+    rows = features if indices is None else features[np.sort(indices)]
+    score = vendi_score(rows, drop_zero_rows=args.drop_zero_rows)
+    batch = None
+    if args.batch_size or args.batches:
+        if not (args.batch_size and args.batches):
+            raise UserError("batch G-Vendi needs both --batch-size and --batches")
+        batch = batch_vendi_score(features, args.batch_size, args.batches, seed=args.seed, indices=indices)
+    return {"gvendi": score, "batch_gvendi": batch}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spokes", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    from .selectors import SELECTORS
+
+    available_methods()
+    methods = "\n".join(f"  {n:10s} {SELECTORS[n].summary}" for n in sorted(SELECTORS))
+    s = sub.add_parser("select", help="select a subset", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=f"available methods:\n{methods}")
+    s.add_argument("--method", required=True, help="one of: " + ", ".join(sorted(SELECTORS)))
+    s.add_argument("--features", required=True, help="N x d .npy (gradients; embeddings for semdedup)")
+    s.add_argument("--quality", help="N quality scores .npy")
+    s.add_argument("--budget", required=True, help="count (400) or fraction with a point (0.1)")
+    s.add_argument("--alpha", type=float, default=None, help="quality weight in [0, 1] (spokes)")
+    s.add_argument("--steps", type=int, default=20, help="exponentiated-gradient steps T (spokes)")
+    s.add_argument("--step-rule", default="backtracking", choices=["backtracking", "fixed"])
+    s.add_argument("--lr", type=float, default=None, help="eta (fixed rule) / initial eta (backtracking)")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method-specific setting")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--drop-zero-rows", action="store_true", help="drop zero-norm rows instead of failing")
+    s.add_argument("--out", required=True, help="output .npy of selected row indices (int64)")
+    g = sub.add_parser("gvendi", help="G-Vendi of a feature matrix (optionally a subset)")
+    g.add_argument("--features", required=True)
+    g.add_argument("--indices")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batches", type=int)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--drop-zero-rows", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    with user_errors_exit():
+        args = build_parser().parse_args(argv)
+        out = cmd_select(args) if args.command == "select" else cmd_gvendi(args)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""User-facing errors.
+
+Anything a user can get wrong (a missing file, a bad budget, NaN features, ...) raises
+:class:`UserError`. Command-line entry points catch it, print ONE line on stderr and exit
+with code 2 (no traceback, nothing half-written). Library callers get a normal exception.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+EXIT_BAD_INPUT = 2
+
+
+class UserError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+def fail(message: str) -> "None":
+    """Print ``message`` as one line on stderr and exit with code 2."""
+    line = " ".join(str(message).split())
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+@contextmanager
+def user_errors_exit():
+    """Turn :class:`UserError` (and missing files) raised inside the block into ``fail``."""
+    try:
+        yield
+    except UserError as exc:
+        fail(str(exc))
+    except FileNotFoundError as exc:
+        fail(f"file not found: {exc.filename or exc}")
+
+
+def require_package(module: str, pip_name: str | None = None):
+    """Import an optional dependency or raise a one-line pip hint."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise UserError(
+            f"this step needs the '{module}' package: pip install {pip_name or module}"
+        ) from exc

@@ -1,0 +1,19 @@
+"""Random baseline: seeded, uniform, without replacement (paper section 5.3)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import SelectionInputs, SelectionResult, Selector, register
+
+
+@register
+class RandomSelector(Selector):
+    name = "random"
+    summary = "uniform sample without replacement (seeded)"
+
+    def select(self, inputs: SelectionInputs, k: int, seed: int = 0) -> SelectionResult:
+        n = inputs.n
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(n).astype(np.int64)
+        chosen = np.sort(order[:k])
+        return SelectionResult(indices=chosen, scores=None, stats={"seed": seed})

@@ -1,0 +1,33 @@
+"""SPOKES as a selector (paper section 3.1): gradient features + optional quality -> top-k of w."""
+from __future__ import annotations
+
+from ..spokes import DEFAULT_ETA_SCALE, DEFAULT_STEPS, run_spokes
+from .base import SelectionInputs, SelectionResult, Selector, register
+
+
+@register
+class SpokesSelector(Selector):
+    name = "spokes"
+    requires = ("features",)
+    summary = "maximize alpha ln Q + (1-alpha) ln G-Vendi by exponentiated gradient, keep top-k"
+
+    def select(self, inputs: SelectionInputs, k: int, seed: int = 0) -> SelectionResult:
+        self.check_inputs(inputs)
+        p = self.params
+        alpha = float(p.get("alpha", 0.0))
+        result = run_spokes(
+            inputs.features,
+            inputs.quality if alpha > 0 else None,
+            alpha=alpha,
+            k=k,
+            steps=int(p.get("steps", DEFAULT_STEPS)),
+            step_rule=str(p.get("step_rule", "backtracking")),
+            lr=None if p.get("lr") is None else float(p["lr"]),
+            eta_scale=float(p.get("eta_scale", DEFAULT_ETA_SCALE)),
+            drop_zero_rows=bool(p.get("drop_zero_rows", False)),
+            log=p.get("log"),
+        )
+        stats = dict(result.stats)
+        stats.update(objective=result.objective, step_sizes=result.step_sizes,
+                     gvendi=result.gvendi, mean_quality=result.mean_quality)
+        return SelectionResult(indices=result.indices, scores=result.weights, stats=stats)
