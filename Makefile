@@ -27,3 +27,5 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_vendi.py
 	$(PY) bench/bench_spokes.py
+	$(PY) bench/bench_semdedup.py
+	$(PY) bench/bench_features.py

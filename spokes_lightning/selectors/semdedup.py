@@ -73,7 +73,8 @@ def spherical_kmeans(x: np.ndarray, n_clusters: int, seed: int, niter: int = 20)
     faiss = require_package("faiss", "faiss-cpu")
     n, d = x.shape
     if not 1 <= n_clusters <= n:
-        raise UserError(f"n_clusters must be in [1, {n}] (the number of documents), got {n_clusters}")
+        raise UserError(f"n_clusters must be in [1, {n}] (the number of documents), "
+                        f"got {n_clusters}")
     km = faiss.Kmeans(d, int(n_clusters), niter=int(niter), seed=int(seed), spherical=True,
                       verbose=False)
     km.train(np.ascontiguousarray(x, dtype=np.float32))
@@ -165,7 +166,8 @@ def keep_for_budget(m: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, float
         floor = int((m64 <= 0.0).sum())
         raise UserError(
             f"semdedup budget {k} is impossible: {floor} documents have no similar earlier "
-            "cluster member and are kept at any eps in (0, 1); use a larger budget or fewer clusters"
+            "cluster member and are kept at any eps in (0, 1); use a larger budget or fewer "
+            "clusters"
         )
     if eps <= 0.0:
         top = int((m64 < 1.0).sum())
@@ -194,7 +196,8 @@ class SemDeDupSelector(Selector):
     name = "semdedup"
     requires = ("embeddings",)
     feature_field = "embeddings"
-    summary = "SemDeDup: spherical k-means, drop within-cluster near-duplicates (budget or --param eps=E)"
+    summary = ("SemDeDup: spherical k-means, drop within-cluster near-duplicates "
+               "(budget or --param eps=E)")
     known_params = ("n_clusters", "eps", "keep", "niter", "block", "progress")
 
     def select(self, inputs: SelectionInputs, k: int, seed: int = 0) -> SelectionResult:

@@ -10,6 +10,8 @@ class SpokesSelector(Selector):
     name = "spokes"
     requires = ("features",)
     summary = "maximize alpha ln Q + (1-alpha) ln G-Vendi by exponentiated gradient, keep top-k"
+    #: run_spokes all-reduces across ranks when a process group exists: every rank must call it
+    collective = True
 
     def select(self, inputs: SelectionInputs, k: int, seed: int = 0) -> SelectionResult:
         self.check_inputs(inputs)

@@ -1,0 +1,191 @@
+"""The 10 OLMES tasks as lm-eval tasks over the local files ``data/demo/eval/<task>.jsonl.gz``.
+
+Each task is an lm-eval ``ConfigurableTask`` (``output_type: multiple_choice``) built in
+Python from an inline config; its dataset comes from a ``custom_dataset`` callable that
+reads the local gzip'd JSONL (no hub access, works offline) and converts rows to cloze
+items (:mod:`spokes_lightning.evaluation.cloze`).
+
+Scoring follows OLMES (Gu et al., 2024, Sec. 3.3 and Table 3, "normalization"): the
+answer with the highest score wins, where the score of a continuation ``a`` after
+context ``c`` is
+
+* ``none``  (reported as lm-eval ``acc``):   ln P(a | c)                 -- BoolQ, WinoGrande
+* ``char``  (``acc_norm``):                   ln P(a | c) / len(a)        -- ARC-Easy, HellaSwag,
+  MMLU, PIQA, SIQA (``len`` = characters of the answer text, without the leading space,
+  as lm-eval computes ``acc_norm``)
+* ``pmi``   (``acc_mutual_info``):            ln P(a | c) - ln P(a | "Answer:") -- ARC-Challenge,
+  CommonsenseQA, OpenBookQA. OLMES conditions the unconditional term on ``"Answer:"``;
+  stock lm-eval uses an empty context, so :class:`OlmesClozeTask` swaps it in.
+
+All tasks are 0-shot except MMLU, which is 5-shot with the 5 ``dev`` rows of the item's
+own subject (in file order), prefixed by ``The following are multiple choice questions
+(with answers) about <subject>.``.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from spokes_lightning.errors import UserError, require_package
+from spokes_lightning.evaluation.cloze import (
+    ClozeItem,
+    mmlu_question_prompt,
+    mmlu_subject_title,
+    to_cloze,
+)
+
+ALL_TASKS = (
+    "hellaswag", "mmlu", "arc_challenge", "arc_easy", "piqa",
+    "siqa", "boolq", "winogrande", "openbookqa", "commonsense_qa",
+)
+SPLITS = ("test", "val")
+PMI_UNCONDITIONED_CONTEXT = "Answer:"
+TASK_PREFIX = "olmes_local_"
+
+#: normalization name -> lm-eval metric that implements it.
+NORMALIZATION_METRIC = {"none": "acc", "char": "acc_norm", "pmi": "acc_mutual_info"}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """OLMES settings for one task (OLMES Table 3)."""
+
+    name: str
+    normalization: str  # "none" | "char" | "pmi"
+    num_fewshot: int = 0
+
+    @property
+    def metric(self) -> str:
+        return NORMALIZATION_METRIC[self.normalization]
+
+
+TASK_SPECS: dict[str, TaskSpec] = {
+    "arc_challenge": TaskSpec("arc_challenge", "pmi"),
+    "arc_easy": TaskSpec("arc_easy", "char"),
+    "boolq": TaskSpec("boolq", "none"),
+    "commonsense_qa": TaskSpec("commonsense_qa", "pmi"),
+    "hellaswag": TaskSpec("hellaswag", "char"),
+    "mmlu": TaskSpec("mmlu", "char", num_fewshot=5),
+    "openbookqa": TaskSpec("openbookqa", "pmi"),
+    "piqa": TaskSpec("piqa", "char"),
+    "siqa": TaskSpec("siqa", "char"),
+    "winogrande": TaskSpec("winogrande", "none"),
+}
+
+
+def default_eval_dir() -> Path:
+    """``data/demo/eval`` of the repository this package lives in."""
+    return Path(__file__).resolve().parents[2] / "data" / "demo" / "eval"
+
+
+def check_task_names(tasks) -> tuple[str, ...]:
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+    unknown = [t for t in tasks if t not in TASK_SPECS]
+    if unknown or not tasks:
+        raise UserError(f"unknown evaluation task(s) {unknown or '(none)'}; known: {', '.join(ALL_TASKS)}")
+    return tasks
+
+
+def read_task_rows(task: str, eval_dir: str | Path | None = None) -> list[dict]:
+    """All rows (every split) of ``<eval_dir>/<task>.jsonl.gz`` as shipped."""
+    path = Path(eval_dir or default_eval_dir()) / f"{task}.jsonl.gz"
+    if not path.is_file():
+        raise UserError(f"evaluation file not found: {path} (build the demo data first)")
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def mmlu_fewshot_prefixes(dev_rows: list[dict], num_fewshot: int) -> dict[str, str]:
+    """Per subject: description line + the first ``num_fewshot`` dev examples, answered."""
+    by_subject: dict[str, list[dict]] = {}
+    for row in dev_rows:
+        by_subject.setdefault(row["subject"], []).append(row)
+    prefixes = {}
+    for subject, rows in by_subject.items():
+        if len(rows) < num_fewshot:
+            raise UserError(f"mmlu dev has {len(rows)} rows for {subject}, need {num_fewshot}")
+        shots = [f"{mmlu_question_prompt(r['question'])} {str(r['choices'][int(r['answer'])]).strip()}"
+                 for r in rows[:num_fewshot]]
+        header = f"The following are multiple choice questions (with answers) about {mmlu_subject_title(subject)}."
+        prefixes[subject] = "\n\n".join([header, *shots]) + "\n\n"
+    return prefixes
+
+
+def load_cloze_items(task: str, split: str = "test", eval_dir: str | Path | None = None) -> list[ClozeItem]:
+    """Cloze items of one split; MMLU contexts carry their 5-shot same-subject prefix."""
+    check_task_names([task])
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    rows = read_task_rows(task, eval_dir)
+    items = [to_cloze(task, row) for row in rows if row.get("split") == split]
+    if not items:
+        raise UserError(f"{task}: no rows with split={split!r}")
+    spec = TASK_SPECS[task]
+    if task == "mmlu" and spec.num_fewshot:
+        prefixes = mmlu_fewshot_prefixes([r for r in rows if r.get("split") == "dev"], spec.num_fewshot)
+        subjects = {str(r["id"]): r["subject"] for r in rows}
+        missing = sorted({subjects[i.id] for i in items} - set(prefixes))
+        if missing:
+            raise UserError(f"mmlu dev split lacks subjects {missing[:3]}")
+        items = [ClozeItem(i.id, i.split, (prefixes[subjects[i.id]] + i.contexts[0],),
+                           i.continuations, i.gold) for i in items]
+    return items
+
+
+def chance_level(items: list[ClozeItem]) -> float:
+    """Expected accuracy of uniform guessing, in percent: mean over items of 1/num_choices."""
+    return 100.0 * sum(1.0 / item.num_choices for item in items) / len(items)
+
+
+# --- lm-eval glue ---------------------------------------------------------------------
+
+def _doc_to_text(doc: dict):
+    # An int tells lm-eval the options are in the context (multiple_input, partial scoring).
+    return int(doc["gold"]) if len(doc["contexts"]) > 1 else doc["contexts"][0]
+
+
+def _doc_to_choice(doc: dict) -> list[str]:
+    return list(doc["contexts"]) if len(doc["contexts"]) > 1 else list(doc["continuations"])
+
+
+def _doc_to_target(doc: dict):
+    return doc["continuations"][0] if len(doc["contexts"]) > 1 else int(doc["gold"])
+
+
+def _local_dataset(task: str, split: str, eval_dir: str, **_ignored) -> dict:
+    datasets = require_package("datasets")
+    docs = [item.to_doc() for item in load_cloze_items(task, split, eval_dir)]
+    return {split: datasets.Dataset.from_list(docs)}
+
+
+def lm_eval_task_name(task: str) -> str:
+    return f"{TASK_PREFIX}{task}"
+
+
+def task_config(task: str, split: str = "test", eval_dir: str | Path | None = None) -> dict:
+    """Inline lm-eval task config for one task (metrics acc, acc_norm and, for pmi, acc_mutual_info)."""
+    spec = TASK_SPECS[check_task_names([task])[0]]
+    metrics = ["acc", "acc_norm"] + (["acc_mutual_info"] if spec.normalization == "pmi" else [])
+    return {
+        "task": lm_eval_task_name(task),
+        "custom_dataset": partial(_local_dataset, task, split, str(eval_dir or default_eval_dir())),
+        "test_split": split,
+        "output_type": "multiple_choice",
+        "doc_to_text": _doc_to_text,
+        "doc_to_choice": _doc_to_choice,
+        "doc_to_target": _doc_to_target,
+        "target_delimiter": " ",
+        "num_fewshot": 0,  # MMLU's 5 shots are already inside its context (same subject).
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
+        "metadata": {"version": 1.0, "olmes_normalization": spec.normalization},
+    }
+
+
+def build_lm_eval_task(task: str, split: str = "test", eval_dir: str | Path | None = None):
+    """An instantiated lm-eval task reading the local file (needs ``lm_eval``)."""
+    from spokes_lightning.evaluation.lm_eval_task import OlmesClozeTask
+
+    return OlmesClozeTask(config=task_config(task, split, eval_dir))

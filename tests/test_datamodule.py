@@ -1,0 +1,201 @@
+"""SelectedDataModule: only selected documents, each token once per epoch, across DDP ranks."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spokes_lightning.datamodule import SelectedDataModule, plan_epoch
+from spokes_lightning.errors import UserError
+from spokes_lightning.selection_artifact import write_selection
+from spokes_lightning.selectors import SelectionResult
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the a data model token text quality diverse select train web page cat dog sun".split()
+
+
+def make_docs(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(f"d{i:03d}", " ".join(rng.choice(WORDS, size=int(rng.integers(0, 30)))))
+            for i in range(n)]
+
+
+def make_tokenizer(path: Path | None = None):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)] * 3, trainers.WordLevelTrainer(
+        special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    if path is not None:
+        tok.save(str(path))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="[EOS]", pad_token="[PAD]")
+
+
+def check_epoch(segments, docs: dict[str, str], selected: set[str], tokenizer):
+    """Each selected doc's tokens (plus EOS) are served exactly once; nothing else is served."""
+    pieces = defaultdict(list)
+    for doc_id, start, stop in segments:
+        pieces[doc_id].append((start, stop))
+    assert set(pieces) == selected
+    for doc_id, spans in pieces.items():
+        n = len(tokenizer(docs[doc_id], add_special_tokens=False)["input_ids"]) + 1
+        spans.sort()
+        assert spans[0][0] == 0 and spans[-1][1] == n, doc_id
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), doc_id  # no gap/overlap
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_plan_covers_every_token_once_with_equal_batches(world):
+    lengths = np.random.default_rng(world).integers(1, 40, size=57)
+    plan = plan_epoch(lengths, world, seed=4, epoch=1, seq_length=16, batch_size=3)
+    assert len({len(rank) for rank in plan}) == 1  # same number of batches on every rank
+    covered = defaultdict(int)
+    ranks_of = defaultdict(set)
+    for r, batches in enumerate(plan):
+        for batch in batches:
+            assert len(batch) == 3
+            for seq in batch:
+                assert sum(stop - start for _, start, stop in seq) <= 16
+                for d, start, stop in seq:
+                    covered[d] += stop - start
+                    ranks_of[d].add(r)
+    assert dict(covered) == {d: int(n) for d, n in enumerate(lengths)}
+    assert all(len(r) == 1 for r in ranks_of.values())  # a document lives on one rank
+    again = plan_epoch(lengths, world, seed=4, epoch=1, seq_length=16, batch_size=3)
+    other = plan_epoch(lengths, world, seed=4, epoch=2, seq_length=16, batch_size=3)
+    assert again == plan and other != plan
+
+
+def test_single_process_serves_only_selected(tmp_path):
+    docs = make_docs()
+    tokenizer = make_tokenizer()
+    chosen = [doc_id for doc_id, _ in docs[::3]]
+    ids = [doc_id for doc_id, _ in docs]
+    result = SelectionResult(indices=np.array([ids.index(c) for c in chosen]))
+    artifact = write_selection(tmp_path, "random", result, ids, {}, 0, {})
+    for selection in (chosen, artifact):
+        dm = SelectedDataModule(docs, selection, tokenizer, seq_length=12, batch_size=2, seed=1)
+        epochs = []
+        for _ in range(2):
+            segs = []
+            for batch in dm.train_dataloader():
+                assert batch["input_ids"].shape == (2, 12)
+                real = batch["attention_mask"].bool()
+                assert (batch["labels"][~real] == -100).all()
+                assert (batch["labels"][real] == batch["input_ids"][real]).all()
+                segs += [s for seq in batch["segments"] for s in seq]
+            check_epoch(segs, dict(docs), set(chosen), tokenizer)
+            epochs.append(segs)
+        assert epochs[0] != epochs[1]  # reshuffled per epoch
+
+
+def test_eos_separates_documents():
+    docs = [("x", "cat dog"), ("y", "sun"), ("z", "web page")]
+    tokenizer = make_tokenizer()
+    dm = SelectedDataModule(docs, ["x", "y"], tokenizer, seq_length=8, batch_size=1)
+    (batch,) = list(dm.train_dataloader())
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    row = batch["input_ids"][0].tolist()
+    assert row.count(eos) == 2 and row[5:] == [pad] * 3
+    assert sorted(batch["doc_ids"][0]) == ["x", "y"]
+
+
+def test_bad_inputs():
+    docs = make_docs(5)
+    tokenizer = make_tokenizer()
+    with pytest.raises(UserError, match="not in the corpus"):
+        SelectedDataModule(docs, ["d000", "nope"], tokenizer, 8, 2).setup()
+    with pytest.raises(UserError, match="more than once"):
+        SelectedDataModule(docs, ["d000", "d000"], tokenizer, 8, 2).setup()
+    with pytest.raises(UserError, match="duplicate document id"):
+        SelectedDataModule(docs + docs[:1], ["d000"], tokenizer, 8, 2).setup()
+    tokenizer.eos_token = None
+    with pytest.raises(UserError, match="EOS"):
+        SelectedDataModule(docs, ["d000"], tokenizer, 8, 2)
+
+
+DDP_SCRIPT = r'''
+import json, os, sys
+import torch
+import lightning as L
+from transformers import PreTrainedTokenizerFast
+from spokes_lightning.datamodule import SelectedDataModule
+
+
+class Recorder(L.LightningModule):
+    """A tiny bigram LM that also records which document tokens each rank trained on."""
+
+    def __init__(self, vocab, out):
+        super().__init__()
+        self.emb, self.head, self.out = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab), out
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen += [s for seq in batch["segments"] for s in seq]
+        logits = self.head(self.emb(batch["input_ids"]))[:, :-1]
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels.reshape(-1), ignore_index=-100,
+                                                 reduction="sum")
+        return loss / (labels != -100).sum().clamp(min=1)
+
+    def on_train_epoch_end(self):
+        path = os.path.join(self.out, f"seen_rank{self.global_rank}_epoch{self.current_epoch}.json")
+        with open(path, "w") as fh:
+            json.dump(self.seen, fh)
+        self.seen = []
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+if __name__ == "__main__":
+    corpus, selection, tok_file, out = sys.argv[1:5]
+    torch.set_num_threads(1)
+    tok = PreTrainedTokenizerFast(tokenizer_file=tok_file, eos_token="[EOS]", pad_token="[PAD]")
+    dm = SelectedDataModule([corpus], selection, tok, seq_length=16, batch_size=2, seed=7)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Recorder(len(tok), out), datamodule=dm)
+'''
+
+
+def test_two_process_ddp_fit_serves_each_selected_doc_once_per_epoch(tmp_path):
+    docs = make_docs(60, seed=2)
+    corpus = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(corpus, "wt") as fh:
+        for doc_id, text in docs:
+            fh.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    ids = [doc_id for doc_id, _ in docs]
+    chosen = sorted(np.random.default_rng(0).choice(60, size=25, replace=False).tolist())
+    artifact = write_selection(tmp_path / "sel", "random",
+                               SelectionResult(indices=np.array(chosen)), ids, {}, 0, {})
+    tokenizer = make_tokenizer(tmp_path / "tok.json")
+    script = tmp_path / "fit_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(script), str(corpus), str(artifact),
+                           str(tmp_path / "tok.json"), str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    selected = {ids[i] for i in chosen}
+    seen = [(tmp_path / f"seen_rank0_epoch{e}.json").read_text() for e in range(2)]
+    assert seen[0] != seen[1]  # a new shuffle each epoch
+    for epoch in range(2):
+        per_rank = [json.loads((tmp_path / f"seen_rank{r}_epoch{epoch}.json").read_text())
+                    for r in range(2)]
+        assert all(per_rank), "both ranks trained"
+        docs_on = [{s[0] for s in segs} for segs in per_rank]
+        assert not docs_on[0] & docs_on[1]  # no document on both ranks
+        check_epoch([tuple(s) for segs in per_rank for s in segs], dict(docs), selected, tokenizer)
