@@ -24,6 +24,8 @@ from ..atomic import atomic_path, save_npy_atomic, write_json_atomic
 from ..errors import UserError
 
 MANIFEST = "manifest.json"
+#: keys that finalize() adds: results, not settings, so they never make a store "different"
+FINALIZE_KEYS = ("complete", "n_documents", "n_skipped")
 
 
 def chunk_name(index: int) -> str:
@@ -41,7 +43,7 @@ class FeatureStoreWriter:
         if existing.exists():
             old = json.loads(existing.read_text())
             keys = set(old) | set(self.manifest)
-            diff = sorted(k for k in keys if old.get(k) != self.manifest.get(k) and k != "complete")
+            diff = sorted(k for k in keys if old.get(k) != self.manifest.get(k) and k not in FINALIZE_KEYS)
             if diff:
                 raise UserError(
                     f"feature store {self.path} was made with different settings ({', '.join(diff)}); "

@@ -1,0 +1,328 @@
+"""Per-document gradient features of a proxy causal LM (paper sections 3.1 eq. 3-4, 4.1-4.3).
+
+:class:`ProxyGradientModule` is a LightningModule for :func:`extract.extract_features`. For each
+document it takes the gradient of the document's mean next-token loss (truncated to
+``max_length`` tokens, section 4.3) with respect to the last ``n_layers`` decoder blocks plus the
+output head (section 4.1; for tied models the head is the embedding matrix, which is how
+Qwen3-0.6B's last two layers + head reach the paper's ~200M parameters) and sketches it to
+``k`` dims with a Rademacher projection (eq. 4, section 4.2):
+
+* ``projection="dense"``: the exact eq. 4. One forward + backward per document (only the selected
+  parameters require grad), the batch's flattened gradients stacked and projected together so
+  every column block of ``R`` is generated once per batch (:class:`DenseRademacherProjector`).
+* ``projection="kronecker"`` (default, fast): one forward + backward per batch. Hooks on every
+  ``nn.Linear`` of the selected blocks (+ head) keep ``R_in x_t`` and the output gradients
+  ``delta_t``; each Linear gets the block ``sum_t (R_out delta_t)(R_in x_t)^T / sqrt(k_o k_i)``
+  with ``k_o = k_i = side`` (default ``side = ceil(sqrt(k))``, so every Linear alone has
+  ``>= k`` sketch dims). The ``n_linear * side**2`` concatenation is projected once more with a
+  dense Rademacher matrix to exactly ``k`` (scaled ``1/sqrt(k)``). It sketches Linear weights
+  only (norm weights and biases, a tiny share of the parameters, are left out).
+
+A batch's loss is the SUM of per-document mean losses and padding is on the right and masked,
+so a document's row does not depend on its batch mates. Documents that are empty or shorter than
+two tokens are reported in ``skipped``, never dropped silently. Layers before the selected blocks
+run under ``torch.no_grad`` (grad is switched on by a pre-hook on the first selected block), so
+they get no gradient and keep no activations; for tied models the input-embedding lookup
+therefore contributes nothing to the head's gradient.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .projection import DEFAULT_BLOCK_COLS, DenseRademacherProjector, KroneckerLayerSketch, kronecker_side
+
+PROJECTIONS = ("kronecker", "dense")
+DTYPES = ("float16", "float32")
+
+
+def load_causal_lm(ref: str | Path) -> nn.Module:
+    """Local directory or hub id -> causal LM; offline hub ids fail with one UserError line."""
+    try:
+        from .proxy import load_causal_lm as proxy_loader  # the proxy stage's loader, if present
+    except ImportError:
+        proxy_loader = None
+    if proxy_loader is not None:
+        return proxy_loader(ref)
+    from transformers import AutoModelForCausalLM
+
+    from .hub import load_pretrained
+
+    return load_pretrained(
+        ref, AutoModelForCausalLM.from_pretrained, what="proxy model", setting="model", example="Qwen3-0.6B-Base"
+    )
+
+
+def load_tokenizer(ref: str | Path):
+    from transformers import AutoTokenizer
+
+    from .hub import load_pretrained
+
+    return load_pretrained(
+        ref, AutoTokenizer.from_pretrained, what="tokenizer", setting="tokenizer", example="Qwen3-0.6B-Base"
+    )
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of an HF causal LM (Llama/Qwen/Mistral: ``model.model.layers``)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    raise UserError(f"cannot find the decoder blocks of {type(model).__name__} (expected model.model.layers)")
+
+
+@contextmanager
+def grad_only_from(block: nn.Module):
+    """Run a forward under ``no_grad`` until ``block`` starts, with grad from there on."""
+
+    def enable_grad(_module, _args):
+        torch.set_grad_enabled(True)
+
+    handle = block.register_forward_pre_hook(enable_grad)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        handle.remove()
+
+
+def _model_fingerprint(model: nn.Module, ref: str | None) -> str:
+    if ref is not None:
+        path = Path(ref).expanduser()
+        return str(path.resolve()) if path.is_dir() else str(ref)
+    config = getattr(model, "config", None)
+    text = config.to_json_string() if config is not None else type(model).__name__
+    return f"{type(model).__name__}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+class ProxyGradientModule(L.LightningModule):
+    """Rows = Rademacher sketches of per-document gradients of the last ``n_layers`` (+ head)."""
+
+    def __init__(
+        self,
+        model: str | Path | nn.Module,
+        tokenizer=None,
+        n_layers: int = 2,
+        include_head: bool = True,
+        projection: str = "kronecker",
+        k: int = 1024,
+        seed: int = 0,
+        max_length: int = 768,
+        dtype: str = "float16",
+        kron_side: int | None = None,
+        dense_block_cols: int = DEFAULT_BLOCK_COLS,
+    ):
+        super().__init__()
+        if projection not in PROJECTIONS:
+            raise UserError(f"unknown projection '{projection}' (choose from {', '.join(PROJECTIONS)})")
+        if int(k) <= 0:
+            raise UserError(f"projection dimension k must be positive, got {k}")
+        if dtype not in DTYPES:
+            raise UserError(f"unknown feature dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+        if int(max_length) < 2:
+            raise UserError(f"max_length must be at least 2 tokens, got {max_length}")
+        ref = None if isinstance(model, nn.Module) else str(model)
+        self.model = load_causal_lm(model) if ref is not None else model
+        self.tokenizer = tokenizer if tokenizer is not None else self._tokenizer_for(ref)
+        self.model_ref = _model_fingerprint(self.model, ref)
+        self.layers = tuple(find_decoder_layers(self.model))  # a tuple: not registered twice
+        if not 1 <= int(n_layers) <= len(self.layers):
+            raise UserError(f"n_layers={n_layers} but the model has {len(self.layers)} decoder layers")
+        self.n_layers, self.include_head, self.projection = int(n_layers), bool(include_head), projection
+        self.k, self.seed, self.max_length, self.feature_dtype = int(k), int(seed), int(max_length), dtype
+        self.kron_side = int(kron_side) if kron_side else kronecker_side(self.k)
+        self.dense_block_cols = int(dense_block_cols)
+        self.model.eval()
+        self._select_parameters()
+        self._sketches: dict[str, KroneckerLayerSketch] = {}
+        self._final: torch.Tensor | None = None
+        self.documents_seen = 0
+
+    # ----------------------------------------------------------------- setup
+    @staticmethod
+    def _tokenizer_for(ref: str | None):
+        if ref is None:
+            raise UserError("pass a tokenizer together with an in-memory model")
+        return load_tokenizer(ref)
+
+    @property
+    def first_selected_block(self) -> nn.Module:
+        return self.layers[len(self.layers) - self.n_layers]
+
+    @property
+    def head(self) -> nn.Module | None:
+        return self.model.get_output_embeddings() if self.include_head else None
+
+    def _select_parameters(self) -> None:
+        """Only the last ``n_layers`` blocks (+ head) require grad (section 4.1)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        chosen: list[nn.Module] = list(self.layers)[-self.n_layers :]
+        if self.head is not None:
+            chosen.append(self.head)
+        for module in chosen:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        seen: set[int] = set()
+        self.grad_params: dict[str, nn.Parameter] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.grad_params[name] = p
+        inside = {id(m) for c in chosen for m in c.modules()}
+        self.linear_names = [
+            name for name, m in self.model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside
+        ]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.k
+
+    @property
+    def n_selected_parameters(self) -> int:
+        return sum(p.numel() for p in self.grad_params.values())
+
+    def manifest(self) -> dict[str, Any]:
+        m = {
+            "kind": "proxy_gradients",
+            "model": self.model_ref,
+            "n_layers": self.n_layers,
+            "include_head": self.include_head,
+            "projection": self.projection,
+            "k": self.k,
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "dtype": self.feature_dtype,
+            "n_selected_parameters": self.n_selected_parameters,
+            "normalized": False,
+        }
+        if self.projection == "kronecker":
+            m["kron_side"] = self.kron_side
+        else:
+            m["dense_block_cols"] = self.dense_block_cols
+        return m
+
+    # ----------------------------------------------------------------- tokens and loss
+    def tokenize(self, ids: list[str], texts: list[str]):
+        """Token ids per document, truncated to ``max_length``; short documents -> skipped."""
+        kept, token_lists, skipped = [], [], {}
+        for doc_id, text in zip(ids, texts):
+            if not text or not text.strip():
+                skipped[doc_id] = "empty text"
+                continue
+            toks = self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+            if len(toks) < 2:
+                skipped[doc_id] = f"fewer than 2 tokens ({len(toks)})"
+                continue
+            kept.append(doc_id)
+            token_lists.append(list(toks))
+        return kept, token_lists, skipped
+
+    def pad(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right padding (id 0) + attention mask, on the module's device."""
+        width = max(len(t) for t in token_lists)
+        input_ids = torch.zeros(len(token_lists), width, dtype=torch.long)
+        mask = torch.zeros(len(token_lists), width, dtype=torch.long)
+        for i, toks in enumerate(token_lists):
+            input_ids[i, : len(toks)] = torch.tensor(toks)
+            mask[i, : len(toks)] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def document_losses(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-document mean next-token cross-entropy [b] (split forward, see module doc)."""
+        with grad_only_from(self.first_selected_block):
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        logits = logits[:, :-1].float()
+        targets = input_ids[:, 1:]
+        tmask = mask[:, 1:].to(logits.dtype)
+        ce = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return (ce * tmask).sum(dim=1) / tmask.sum(dim=1)
+
+    # ----------------------------------------------------------------- projections
+    def _sketch(self, name: str, linear: nn.Linear) -> KroneckerLayerSketch:
+        if name not in self._sketches:
+            self._sketches[name] = KroneckerLayerSketch(
+                name, linear.in_features, linear.out_features, self.kron_side, self.seed, linear.weight.device
+            )
+        return self._sketches[name]
+
+    def _final_matrix(self, width: int, device) -> torch.Tensor:
+        if self._final is None or self._final.shape[1] != width or self._final.device != torch.device(device):
+            proj = DenseRademacherProjector(self.k, {"kronecker-concat": width}, self.seed, self.dense_block_cols)
+            self._final = proj.materialize().to(device)
+        return self._final
+
+    def kronecker_rows(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One forward + backward for the batch -> [b, k] (module doc, ``kronecker``)."""
+        modules = dict(self.model.named_modules())
+        projected: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+        handles = []
+        for name in self.linear_names:
+            sketch = self._sketch(name, modules[name])
+
+            def hook(_m, args, out, name=name, sketch=sketch):
+                if out.requires_grad:
+                    projected[name] = sketch.project_inputs(args[0].detach(), mask)
+                    outputs[name] = out
+
+            handles.append(modules[name].register_forward_hook(hook))
+        try:
+            losses = self.document_losses(input_ids, mask)
+        finally:
+            for h in handles:
+                h.remove()
+        names = [n for n in self.linear_names if n in outputs]
+        grads = torch.autograd.grad(losses.sum(), [outputs[n] for n in names], allow_unused=True)
+        blocks = []
+        for name, delta in zip(names, grads):
+            if delta is None:
+                delta = torch.zeros_like(outputs[name])
+            blocks.append(self._sketches[name].block(projected[name], delta))
+        concat = torch.cat(blocks, dim=1)
+        return concat @ self._final_matrix(concat.shape[1], concat.device).T / math.sqrt(self.k)
+
+    def dense_rows(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """Per-document backward, then exact eq. 4 on the stacked batch of gradients."""
+        names = list(self.grad_params)
+        params = [self.grad_params[n] for n in names]
+        per_doc: list[list[torch.Tensor]] = []
+        for toks in token_lists:
+            ids, mask = self.pad([toks])
+            loss = self.document_losses(ids, mask).sum()
+            per_doc.append([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+        projector = DenseRademacherProjector(
+            self.k, {n: p.numel() for n, p in zip(names, params)}, self.seed, self.dense_block_cols
+        )
+        stacked = {n: torch.stack([doc[i] for doc in per_doc]) for i, n in enumerate(names)}
+        del per_doc
+        return projector.project(stacked)
+
+    # ----------------------------------------------------------------- Lightning
+    def rows_for(self, ids: list[str], texts: list[str]) -> dict[str, Any]:
+        kept, token_lists, skipped = self.tokenize(ids, texts)
+        self.documents_seen += len(ids)
+        if not kept:
+            return {"ids": [], "rows": None, "skipped": skipped}
+        with torch.enable_grad():
+            if self.projection == "kronecker":
+                rows = self.kronecker_rows(*self.pad(token_lists))
+            else:
+                rows = self.dense_rows(token_lists)
+        return {"ids": kept, "rows": rows.detach().float(), "skipped": skipped}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+        return self.rows_for(list(batch["ids"]), list(batch["texts"]))

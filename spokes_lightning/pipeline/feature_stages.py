@@ -1,0 +1,106 @@
+"""Stage 3: features. Gradient sketches (and an independent-seed copy for honest scoring),
+sentence embeddings, and quality scores, each a chunked, resumable feature store."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..errors import UserError
+from ..features.store import open_feature_store
+from .data_stages import pool_documents
+from .stage import RunContext, Stage, log, to_plain
+
+
+def _extract_kwargs(cfg):
+    return {"chunk_size": int(cfg.features.chunk_size), "batch_size": int(cfg.features.batch_size),
+            "devices": cfg.features.devices, "strategy": cfg.features.strategy}
+
+
+def gradient_store(ctx: RunContext, seed: int, name: str):
+    from ..features.extract import extract_features
+    from ..features.gradients import ProxyGradientModule
+    from ..features.tokenizer import load_tokenizer
+
+    cfg = ctx.cfg
+    proxy = ctx.output("proxy")
+    model = ctx.run_dir / proxy["model"] if proxy["trained"] else proxy["model"]
+    tokenizer = load_tokenizer(model) if not proxy["trained"] else load_tokenizer(ctx.run_dir / proxy["model"])
+    g = cfg.features.gradients
+    module = ProxyGradientModule(str(model), tokenizer, n_layers=int(g.n_layers), include_head=bool(g.include_head),
+                                 projection=str(g.projection), k=int(g.k), seed=seed, max_length=int(g.max_length),
+                                 dtype=str(g.dtype))
+    return extract_features(module, pool_documents(ctx), ctx.run_dir / "features" / name, **_extract_kwargs(cfg))
+
+
+class FeaturesStage(Stage):
+    name = "features"
+    needs = ("corpus", "tokenizer", "proxy")
+
+    def settings(self, cfg):
+        return {"features": cfg.features, "embeddings": cfg.embeddings, "quality": cfg.quality, "seed": cfg.seed,
+                "independent": cfg.report.gvendi_independent}
+
+    def run(self, ctx):
+        from ..features.embeddings import EmbeddingModule
+        from ..features.extract import extract_features
+
+        cfg = ctx.cfg
+        seed = int(cfg.seed)
+        out = {}
+        grads = gradient_store(ctx, seed, "gradients")
+        out["gradients"] = "features/gradients"
+        log(f"features: gradients {grads.matrix.shape} ({len(grads.skipped)} documents skipped: "
+            f"{sorted(set(grads.skipped.values()))})")
+        if cfg.report.gvendi_independent:
+            gradient_store(ctx, seed + 1000, "gradients_independent")
+            out["gradients_independent"] = "features/gradients_independent"
+        emb = extract_features(EmbeddingModule(cfg.embeddings.model), pool_documents(ctx),
+                               ctx.run_dir / "features" / "embeddings", **_extract_kwargs(cfg))
+        out["embeddings"] = "features/embeddings"
+        log(f"features: embeddings {emb.matrix.shape}")
+        out.update(quality_scores(ctx))
+        return out
+
+
+def quality_scores(ctx: RunContext) -> dict:
+    """Quality per pool document -> features/quality.npy (+ ids), from the configured source."""
+    from ..atomic import save_npy_atomic, write_json_atomic
+
+    q = ctx.cfg.quality
+    pool = pool_documents(ctx)
+    info: dict = {"quality_source": str(q.source)}
+    if q.source == "column":
+        from ..features.quality import quality_from_column
+
+        scores = np.asarray(quality_from_column(pool, q.column), dtype=np.float64)
+    elif q.source == "classifier":  # an HF sequence-classification model (FineWeb-Edu classifier)
+        from ..features.extract import extract_features
+        from ..features.quality import ClassifierQualityModule
+
+        store = extract_features(ClassifierQualityModule(q.model), pool, ctx.run_dir / "features" / "quality_store",
+                                 **_extract_kwargs(ctx.cfg))
+        by_id = dict(zip(store.ids, np.asarray(store.matrix[:, 0], dtype=np.float64)))
+        scores = np.array([by_id.get(d.id, np.nan) for d in pool])
+    elif q.source == "dclm_labels":  # offline default: a classifier trained on the DCLM human labels
+        from ..corpus import load_quality_labels
+        from ..features.embeddings import EmbeddingModule, embed_texts
+        from ..features.quality import train_quality_classifier
+
+        embedder = EmbeddingModule(ctx.cfg.embeddings.model)
+        classifier, metrics = train_quality_classifier(
+            load_quality_labels(), lambda texts: embed_texts(texts, embedder), ctx.run_dir / "quality_model",
+            seed=int(ctx.cfg.seed))
+        emb = open_feature_store(ctx.run_dir / "features" / "embeddings")
+        by_id = dict(zip(emb.ids, classifier.score(np.asarray(emb.matrix, dtype=np.float32))))
+        scores = np.array([by_id.get(d.id, np.nan) for d in pool])
+        info["quality_classifier"] = {k: metrics[k] for k in ("chosen", "heldout_accuracy",
+                                                              "majority_baseline_accuracy", "n_labels")}
+        log(f"quality: {metrics['chosen']} on DCLM human labels, held-out accuracy {metrics['heldout_accuracy']:.3f} "
+            f"(majority baseline {metrics['majority_baseline_accuracy']:.3f})")
+    else:
+        raise UserError(f"quality.source must be column, classifier or dclm_labels, got {q.source!r}")
+    save_npy_atomic(ctx.path("features", "quality.npy"), np.asarray(scores, dtype=np.float64))
+    write_json_atomic(ctx.path("features", "quality_ids.json"), [d.id for d in pool])
+    info["quality"] = "features/quality.npy"
+    return info

@@ -1,0 +1,101 @@
+"""The report's figures (matplotlib, Agg): paper Fig 1 (alpha trade-off), Fig 2 (overlaps),
+Fig 3 (G-Vendi vs top-k, SPOKES vs random), and the pretraining curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_path
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    _figure().close(fig)
+
+
+def gvendi_vs_topk(path: Path, ks, spokes_gv, random_gv) -> None:
+    """Fig 3: G-Vendi of the top-k by SPOKES weight vs a random k-subset."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ks, spokes_gv, "o-", label="SPOKES top-k")
+    ax.plot(ks, random_gv, "s--", label="random k")
+    ax.set_xlabel("k (documents)")
+    ax.set_ylabel("G-Vendi")
+    ax.set_title("G-Vendi vs top-k (paper Fig. 3)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def alpha_tradeoff(path: Path, rows: list[dict], chosen: float) -> None:
+    """Fig 1: mean quality vs G-Vendi of the selection as alpha grows."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    q = [r["mean_quality"] for r in rows]
+    g = [r["gvendi"] for r in rows]
+    ax.plot(q, g, "o-")
+    for r in rows:
+        ax.annotate(f"{r['alpha']:g}", (r["mean_quality"], r["gvendi"]), fontsize=7,
+                    color="red" if r["alpha"] == chosen else "black")
+    ax.set_xlabel("mean quality of the selection")
+    ax.set_ylabel("G-Vendi of the selection")
+    ax.set_title("Quality-diversity trade-off over alpha (paper Fig. 1)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def alpha_overlaps(path: Path, rows: list[dict], chosen: float) -> None:
+    """Fig 2: overlap of the joint subset with the quality-only and diversity-only subsets."""
+    plt = _figure()
+    inner = [r for r in rows if 0 < r["alpha"] < 1]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    a = [r["alpha"] for r in inner]
+    ax.semilogx(a, [r["overlap_quality"] for r in inner], "o-", label="with quality-only")
+    ax.semilogx(a, [r["overlap_diversity"] for r in inner], "s-", label="with diversity-only")
+    ax.axvline(chosen, color="gray", ls=":", label=f"chosen alpha = {chosen:g}")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("overlap (%)")
+    ax.set_title("Joint vs single-objective subsets (paper Fig. 2)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def training_curves(path: Path, curves: dict[str, list[dict]]) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, rows in curves.items():
+        if rows:
+            x = [r.get("tokens_seen", r.get("step")) for r in rows]
+            ax.plot(x, [r["loss"] for r in rows], label=method, lw=1)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("training loss")
+    ax.set_title("Local pretraining curves (same model, budget, seed)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def topk_curve(features, weights, seed: int, n_points: int = 8):
+    """(ks, G-Vendi of SPOKES top-k, G-Vendi of random k) on ``features``."""
+    from ..selectors import top_k_indices
+    from ..vendi import vendi_score
+
+    n = len(weights)
+    ks = sorted({max(2, int(n * f)) for f in np.linspace(0.05, 1.0, n_points)})
+    order = top_k_indices(np.asarray(weights), n)
+    perm = np.random.default_rng(seed).permutation(n)
+    spokes = [vendi_score(np.asarray(features[np.sort(order[:k])])) for k in ks]
+    rand = [vendi_score(np.asarray(features[np.sort(perm[:k])])) for k in ks]
+    return ks, spokes, rand

@@ -1,0 +1,71 @@
+"""Checks that run before any heavy work: a bad config fails in one line, at once."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..budget import budget_to_count, parse_budget
+from ..errors import UserError
+from .stage import to_plain
+
+KNOWN_STAGES = ("corpus", "tokenizer", "proxy", "features", "select", "export", "pretrain", "evaluate", "report")
+
+
+def _hub_resource(ref, setting: str, what: str) -> None:
+    """A reference that is not a local directory must be a reachable hub id (fail fast otherwise)."""
+    from ..features.hub import hub_is_reachable, looks_like_path, offline_message
+
+    if ref is None or Path(str(ref)).expanduser().is_dir():
+        return
+    if looks_like_path(str(ref)):
+        raise UserError(f"{what} directory {ref} does not exist (set {setting}=...)")
+    if not hub_is_reachable():
+        raise UserError(offline_message(str(ref), what, setting, str(ref).split("/")[-1]))
+
+
+def check_config(cfg) -> None:
+    specs = to_plain(cfg.selection.specs)
+    for m in cfg.selection.methods:
+        if m not in specs:
+            raise UserError(f"unknown method '{m}' in selection.methods; known: {', '.join(sorted(specs))}")
+    if cfg.stages is not None:
+        for s in cfg.stages:
+            if s not in KNOWN_STAGES:
+                raise UserError(f"unknown stage '{s}'; stages are: {', '.join(KNOWN_STAGES)}")
+    budget = parse_budget(str(cfg.selection.budget))
+    if isinstance(budget, float):
+        budget_to_count(budget, 10**9)  # range check of the fraction
+    elif budget <= 0:
+        raise UserError(f"selection.budget must be positive, got {budget}")
+    if cfg.selection.budget_unit not in ("documents", "tokens"):
+        raise UserError(f"selection.budget_unit must be 'documents' or 'tokens', got {cfg.selection.budget_unit!r}")
+    alpha = cfg.selection.alpha
+    if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0 <= float(alpha) <= 1):
+        raise UserError(f"selection.alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
+    data = cfg.data
+    if data.paths:
+        from ..corpus import read_documents, resolve_paths
+
+        resolve_paths(list(data.paths))  # missing files: one line
+        read_documents(list(data.paths), text_field=data.text_field, id_field=data.id_field, limit=1)
+    elif data.get("hub") and data.hub.get("name"):
+        from ..features.hub import hub_is_reachable
+
+        if not hub_is_reachable():
+            raise UserError(f"cannot stream hub dataset '{data.hub.name}': the Hugging Face Hub is unreachable "
+                            "(offline); point data.paths=[...] at local .jsonl/.jsonl.gz/.parquet copies")
+    else:
+        raise UserError("no data: set data.paths=[...] (local jsonl/jsonl.gz/parquet) or data.hub.name")
+    _hub_resource(cfg.tokenizer.path, "tokenizer.path", "tokenizer")
+    _hub_resource(cfg.proxy.model, "proxy.model", "proxy model")
+    _hub_resource(cfg.embeddings.model, "embeddings.model", "embedding model")
+    if cfg.quality.source == "classifier":
+        _hub_resource(cfg.quality.model, "quality.model", "quality classifier")
+
+
+def check_pool_budget(cfg, n_pool: int) -> None:
+    """Once the corpus is read: a document budget must fit the selectable pool."""
+    if cfg.selection.budget_unit == "documents":
+        budget = parse_budget(str(cfg.selection.budget))
+        if isinstance(budget, int) and budget > n_pool:
+            raise UserError(f"selection.budget={budget} documents but the pool has only {n_pool} "
+                            "(after holding out the validation set)")
