@@ -38,6 +38,10 @@ def main(argv):
                              batch_size=int(batch), devices=int(devices), strategy=strategy,
                              accelerator="cpu", progress=False, callbacks=[ReportChunks(sleep_s)])
     print(f"done rank-docs-seen {module.documents_seen} rows {len(store)}", flush=True)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # rank 0 must not exit before rank 1 has printed
+        dist.barrier()
 
 
 if __name__ == "__main__":
