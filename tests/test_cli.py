@@ -125,3 +125,20 @@ def test_unknown_method_is_one_line(tmp_path):
     _bad_files(tmp_path)
     r = spokes("select", "--method", "nope", "--features", "good.npy", "--budget", "5", "--out", "o.npy", cwd=tmp_path)
     assert r.returncode == 2 and "unknown method" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("param,message", [("n_clusters=999", "n_clusters"), ("eps=1.5", "eps"), ("eps=0", "eps")])
+def test_semdedup_bad_params_exit_2(tmp_path, param, message):
+    _bad_files(tmp_path)
+    r = spokes("select", "--method", "semdedup", "--features", "good.npy", "--budget", "5", "--param", param,
+               "--out", "o.npy", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_semdedup_cli_selects_exact_budget(files):
+    r = spokes("select", "--method", "semdedup", "--features", files / "f.npy", "--budget", "0.5",
+               "--param", "n_clusters=5", "--out", files / "sd.npy")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["selected"] == 200 and len(np.unique(np.load(files / "sd.npy"))) == 200
