@@ -37,10 +37,13 @@ def main(argv):
     store = extract_features(module, tiny_documents(int(n_docs)), store_dir, chunk_size=int(chunk),
                              batch_size=int(batch), devices=int(devices), strategy=strategy,
                              accelerator="cpu", progress=False, callbacks=[ReportChunks(sleep_s)])
-    print(f"done rank-docs-seen {module.documents_seen} rows {len(store)}", flush=True)
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():  # rank 0 must not exit before rank 1 has printed
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    # a file per rank, not stdout: a rank > 0 started by Lightning's launcher may lose its stdout
+    Path(f"{store_dir}.rank{rank}.seen").write_text(str(module.documents_seen))
+    print(f"done rank-docs-seen {module.documents_seen} rows {len(store)}", flush=True)
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
