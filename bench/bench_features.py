@@ -11,6 +11,7 @@ truncated to 256 tokens; gradients of the last 2 layers + the (tied) head, k = 1
 * wall time of ``extract_features`` with 1 rank vs 2 DDP ranks (gloo, CPU).
 
 usage: python bench/bench_features.py [--n-throughput 64] [--n-overlap 512] [--n-extract 256]
+       [--threads 1] [--dense-batch 32] [--save overlap.npz]
 """
 from __future__ import annotations
 
@@ -88,24 +89,32 @@ def docs_per_second(module, docs, batch_size):
 
 
 def dense_two_seeds(module, docs, batch_size, seeds=(0, 1)):
-    """Exact eq. 4 rows for two seeds from ONE per-document gradient pass (overlap baseline)."""
+    """Exact eq. 4 rows for two seeds from ONE per-document gradient pass (overlap baseline).
+
+    Gradients go straight into one preallocated [batch, D] buffer per parameter, so memory is
+    ``batch_size * D * 4`` bytes; larger batches amortise the generation of every block of R.
+    """
     names = list(module.grad_params)
     params = [module.grad_params[n] for n in names]
     sizes = {n: p.numel() for n, p in zip(names, params)}
     projectors = [DenseRademacherProjector(K, sizes, s, module.dense_block_cols) for s in seeds]
     outs = [[] for _ in seeds]
+    start_time = time.perf_counter()
     for start in range(0, len(docs), batch_size):
         part = docs[start : start + batch_size]
         _, toks, _ = module.tokenize([i for i, _ in part], [t for _, t in part])
-        grads = []
+        stacked = {n: torch.empty(len(toks), sizes[n]) for n in names}
         with torch.enable_grad():
-            for t in toks:
+            for row, t in enumerate(toks):
                 loss = module.document_losses(*module.pad([t])).sum()
-                grads.append([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
-        stacked = {n: torch.stack([g[i] for g in grads]) for i, n in enumerate(names)}
+                for n, g in zip(names, torch.autograd.grad(loss, params)):
+                    stacked[n][row] = g.reshape(-1)
         for out, proj in zip(outs, projectors):
             out.append(proj.project(stacked).numpy())
-        print(f"  dense gradients: {min(start + batch_size, len(docs))}/{len(docs)}", file=sys.stderr, flush=True)
+        del stacked
+        done = min(start + batch_size, len(docs))
+        print(f"  dense gradients: {done}/{len(docs)} ({time.perf_counter() - start_time:.0f} s)",
+              file=sys.stderr, flush=True)
     return [np.concatenate(o) for o in outs]
 
 
@@ -138,6 +147,8 @@ def main() -> None:
     ap.add_argument("--n-overlap", type=int, default=512)
     ap.add_argument("--n-extract", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dense-batch", type=int, default=32, help="documents per dense projection batch")
+    ap.add_argument("--save", type=Path, help="also save the overlap features (npz) here")
     ap.add_argument("--extract-worker", nargs=4, metavar=("PROXY", "STORE", "N", "DEVICES"))
     args = ap.parse_args()
     if args.extract_worker:
@@ -149,7 +160,7 @@ def main() -> None:
         proxy = build_proxy(Path(tmp) / "proxy", docs)
         kron = ProxyGradientModule(str(proxy), n_layers=2, k=K, max_length=MAX_LEN, projection="kronecker")
         dense = ProxyGradientModule(str(proxy), n_layers=2, k=K, max_length=MAX_LEN, projection="dense")
-        print(f"proxy: hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}; gradient dims D = "
+        print(f"proxy: hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}; kronecker side {kron.kron_side}; D = "
               f"{dense.n_selected_parameters:,} (last 2 layers + tied head); k = {K}; {MAX_LEN}-token docs")
         sample = docs[1 : 1 + args.n_throughput]
         k_rate = docs_per_second(kron, sample, 16)
@@ -159,8 +170,10 @@ def main() -> None:
 
         over = docs[: args.n_overlap]
         ids_k, z_kron = rows_in_batches(kron, over, 16)
-        z_d0, z_d1 = dense_two_seeds(dense, over, 32)
+        z_d0, z_d1 = dense_two_seeds(dense, over, args.dense_batch)
         assert len(ids_k) == len(z_d0)
+        if args.save:
+            np.savez(args.save, kronecker=z_kron, dense0=z_d0, dense1=z_d1)
         sel_k, sel_0, sel_1 = spokes_top_half(z_kron), spokes_top_half(z_d0), spokes_top_half(z_d1)
         half = len(z_d0) // 2
         ov_kd, ov_dd = len(sel_k & sel_0) / half, len(sel_0 & sel_1) / half

@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spokes_lightning.errors import UserError, fail, user_errors_exit  # noqa: E402
+from spokes_lightning.errors import UserError, user_errors_exit  # noqa: E402
 
 
 def compose(overrides: list[str]):

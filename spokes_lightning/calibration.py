@@ -24,16 +24,14 @@ into ``--run-dir``::
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, write_json_atomic, write_text_atomic
+from .calibration_outputs import plot_k, plot_layers, plot_projection, write_outputs
 from .errors import UserError, user_errors_exit
 
 DEFAULT_K_VALUES = (256, 512, 1024, 2048, 4096)
@@ -262,66 +260,6 @@ def projection_study(ctx: ProxyContext, k: int, n_layers: int, fraction: float, 
          "overlap_pct": round(overlap(subsets["dense"], subsets["dense_seed2"]), 2),
          "kernel_spearman": round(rowwise_spearman(cosine_kernel(dense_a), cosine_kernel(dense_b)), 6)},
     ]
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def markdown_table(rows: list[dict], title: str, notes: str) -> str:
-    cols = list(rows[0])
-    lines = [f"# {title}", "", notes, "", "| " + " | ".join(cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(run_dir: Path, name: str, rows: list[dict], title: str, notes: str,
-                  settings: dict, plot) -> dict[str, Path]:
-    """``name``.md/.csv/.json/.png, each written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    paths = {ext: run_dir / f"{name}.{ext}" for ext in ("md", "csv", "json", "png")}
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    plot(ax, rows)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(paths["png"], suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    write_text_atomic(paths["csv"], buffer.getvalue())
-    write_text_atomic(paths["md"], markdown_table(rows, title, notes))
-    write_json_atomic(paths["json"], {"study": name, "settings": settings, "rows": rows})
-    return paths
-
-
-def plot_layers(ax, rows):
-    ax.plot([r["last_n_layers"] for r in rows], [r["spearman_vs_full"] for r in rows], "o-")
-    ax.set_xlabel("last n layers (+ head)")
-    ax.set_ylabel("avg row-wise Spearman vs full")
-
-
-def plot_k(ax, rows):
-    for f in sorted({r["fraction"] for r in rows}):
-        sub = [r for r in rows if r["fraction"] == f]
-        ax.plot([r["k"] for r in sub], [r["overlap_pct"] for r in sub], "o-", label=f"fraction {f}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("JL dimension k")
-    ax.set_ylabel("overlap with reference (%)")
-    ax.legend()
-
-
-def plot_projection(ax, rows):
-    ax.bar(range(len(rows)), [r["overlap_pct"] for r in rows])
-    ax.set_xticks(range(len(rows)), [r["comparison"].split(" (")[0] for r in rows], fontsize=7)
-    ax.set_ylabel("subset overlap (%)")
 
 
 # --------------------------------------------------------------------------- CLI

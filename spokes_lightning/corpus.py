@@ -237,6 +237,20 @@ def read_documents(paths, text_field: str = "text", id_field: str = "id",
     return list(iter_documents(paths, text_field, id_field, limit, stats))
 
 
+def interleave_by_field(docs: Iterable[Document], field_name: str) -> list[Document]:
+    """Round-robin over the values of ``meta[field_name]`` (first-appearance order of the values,
+    file order within a value), so that the first N documents mix every source of a pool that
+    is stored source by source. Documents without the field form one group of their own."""
+    groups: dict[str, list[Document]] = {}
+    for doc in docs:
+        groups.setdefault(str(doc.meta.get(field_name, "")), []).append(doc)
+    queues = list(groups.values())
+    out: list[Document] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
 # --------------------------------------------------------------------------- hub streaming
 def _hub_offline_reason(timeout: float) -> str | None:
     """Why the hub cannot be reached (offline env flag or no TCP connection), else None."""

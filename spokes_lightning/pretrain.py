@@ -198,30 +198,6 @@ def read_curve(path: str | os.PathLike) -> list[dict]:
         ]
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def validation_loss(model, tokenizer, texts: Sequence[str], *, seq_length: int, eod_id: int):
-    """Mean token-level cross-entropy on held-out documents, packed like the training data."""
-    if not texts:
-        return None
-    stream: list[int] = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        stream.extend(list(ids) + [eod_id])
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, max(len(stream) - 1, 1), seq_length):
-            window = torch.tensor(stream[start : start + seq_length + 1])[None]
-            if window.size(1) < 2:
-                break
-            tokens, labels = window[:, :-1], window[:, 1:]
-            n = labels.numel()
-            total += float(causal_lm_loss(model, tokens, labels, torch.ones_like(labels))) * n
-            count += n
-    return total / count if count else None
-
-
 # ----------------------------------------------------------------------------- caching
 
 
@@ -320,7 +296,7 @@ def pretrain_on_megatron_data(
                                 hidden=hidden, heads=heads)
     config_dict = model_config.to_dict()
     settings = dict(model=config_dict, seq_length=seq_length, batch_size=batch_size, lr=lr,
-                    seed=seed, steps=steps, eod=eod, version=1)
+                    seed=seed, steps=steps, eod=eod, version=2)
     out_dir = Path(out_dir).resolve()
     wanted = config_hash(settings, prefix, val_documents)
     cached = _load_cached(out_dir, wanted)
@@ -355,7 +331,7 @@ def pretrain_on_megatron_data(
     model_dir = out_dir / "model"
     _save_model(module.model, tokenizer, model_dir)
     return _finish(out_dir, model_dir, metrics_path, wanted, steps, tokens_per_step,
-                   prefix, tokenizer, val_documents, seq_length, eod)
+                   prefix, tokenizer, val_documents, seq_length)
 
 
 def _save_model(model, tokenizer, model_dir: Path) -> None:
@@ -372,15 +348,16 @@ def _save_model(model, tokenizer, model_dir: Path) -> None:
 
 
 def _finish(out_dir, model_dir, metrics_path, wanted, steps, tokens_per_step, prefix,
-            tokenizer, val_documents, seq_length, eod) -> PretrainResult:
-    from transformers import LlamaForCausalLM
+            tokenizer, val_documents, seq_length) -> PretrainResult:
+    from .evaluation.val_loss import validation_loss
 
     curve = read_curve(metrics_path)
     val = None
+    if val_documents and tokenizer is None:
+        raise UserError("validation documents need a tokenizer (pass one instead of a vocabulary size)")
     if val_documents:
-        # Evaluate the saved model (what downstream evaluation will load), not the live one.
-        model = LlamaForCausalLM.from_pretrained(str(model_dir))
-        val = validation_loss(model, tokenizer, val_documents, seq_length=seq_length, eod_id=eod)
+        # the saved model (what downstream evaluation loads), windows as long as the training ones
+        val = validation_loss(model_dir, val_documents, max_length=seq_length)
     _, dataset_tokens = indexed_dataset_stats(prefix)
     tokens_seen = steps * tokens_per_step
     result = PretrainResult(

@@ -13,6 +13,7 @@ from spokes_lightning.corpus import (
     Document,
     ReadStats,
     demo_web_paths,
+    interleave_by_field,
     iter_documents,
     load_eval_items,
     read_documents,
@@ -43,6 +44,29 @@ def test_reads_jsonl_and_gz_in_file_order_with_meta(tmp_path):
     assert docs[0] == Document("x", "one", "a", {"lang": "en"})
     assert docs[2].source == "web" and docs[2].meta == {"source": "web"}
     assert [d.id for d in read_documents([first, second], limit=2)] == ["x", "y"]
+
+
+def test_interleave_by_field_round_robins_sources_and_keeps_every_document():
+    docs = [Document(f"{src}{i}", "t", "f", {"source": src}) for src, n in (("a", 3), ("b", 1), ("c", 2))
+            for i in range(n)]
+    docs.append(Document("none", "t", "f", {}))
+    mixed = interleave_by_field(docs, "source")
+    assert [d.id for d in mixed] == ["a0", "b0", "c0", "none", "a1", "c1", "a2"]
+    assert sorted(d.id for d in mixed) == sorted(d.id for d in docs)
+
+
+def test_demo_pool_first_n_mixes_every_large_source():
+    from omegaconf import OmegaConf
+
+    from spokes_lightning.pipeline.data_stages import read_corpus
+
+    data = OmegaConf.create({"paths": [str(p) for p in demo_web_paths()], "text_field": "text", "id_field": "id",
+                             "limit": 300, "interleave_by": "source", "hub": None})
+    docs = read_corpus(data)
+    sources = {d.meta["source"] for d in docs}
+    assert len(docs) == 300 and {"c4", "dolma_cc", "fineweb"} <= sources
+    data.interleave_by = None
+    assert {d.meta["source"] for d in read_corpus(data)} == {"c4"}  # file order: C4 comes first
 
 
 def test_custom_fields_and_derived_ids(tmp_path):

@@ -133,3 +133,20 @@ def test_store_with_other_settings_is_refused(proxy_dir, reference, tmp_path):
                          accelerator="cpu", progress=False)
     with pytest.raises(UserError, match="unique"):
         extract_features(module(proxy_dir), [("a", "x y"), ("a", "z w")], tmp_path / "dup", accelerator="cpu")
+
+
+def test_two_process_resume_with_one_chunk_left_lets_the_idle_rank_wait(proxy_dir, reference, tmp_path):
+    """Fewer pending chunks than ranks: rank 1 gets no batch and must not crash the run."""
+    store = tmp_path / "one_left"
+    shutil.copytree(reference.path, store)
+    (store / "chunk_000002.json").unlink()
+    (store / "features.npy").unlink()
+    cmd, env, root = script(proxy_dir, store, 2, "ddp")
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = sorted(int(p.read_text()) for p in tmp_path.glob("one_left.rank*.seen"))
+    assert seen == [0, CHUNK]  # one rank recomputed the missing chunk, the other idled
+    b = np.load(store / "features.npy").astype(np.float32)
+    a = np.asarray(reference.matrix, dtype=np.float32)
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert rel.max() < 1e-3

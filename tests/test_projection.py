@@ -111,9 +111,25 @@ def test_kronecker_padding_tokens_change_nothing():
     torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_kronecker_side_covers_k():
-    assert kronecker_side(1024) == 32 and kronecker_side(1000) == 32 and kronecker_side(1) == 1
-    assert all(kronecker_side(k) ** 2 >= k > (kronecker_side(k) - 1) ** 2 for k in range(1, 300))
+def test_kronecker_side_oversamples_k():
+    assert kronecker_side(1024) == 128 and kronecker_side(1000) == 128 and kronecker_side(1) == 4
+    assert all(kronecker_side(k) ** 2 >= 16 * k for k in range(1, 300))
+
+
+def test_kronecker_narrow_side_is_kept_exact():
+    torch.manual_seed(3)
+    lin = nn.Linear(10, 7, bias=False)
+    x = torch.randn(2, 4, 10)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float32)
+    sketch = KroneckerLayerSketch("layer", 10, 7, side=8, seed=0)  # out (7) exact, in (10) sketched
+    assert torch.equal(sketch.r_out, torch.eye(7)) and sketch.r_in.shape == (8, 10)
+    assert sketch.width == 7 * 8
+    y = lin(x)
+    loss = ((y * torch.linspace(-1, 1, 7)).sum(-1) ** 2 * mask).sum()
+    (delta,) = torch.autograd.grad(loss, y)
+    block = sketch.block(sketch.project_inputs(x, mask), delta)
+    true = _per_doc_grads(lin, x, mask)  # [b, out, in]
+    torch.testing.assert_close(block.reshape(2, 7, 8), true @ sketch.r_in.T, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_k_rejected():

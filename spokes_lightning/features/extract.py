@@ -39,7 +39,6 @@ from typing import Any, Iterable, Sequence
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from torch.utils.data import DataLoader, Dataset
 
@@ -232,6 +231,8 @@ def extract_features(module: L.LightningModule, documents: Iterable[Any], store_
     pending = sum(len(data.chunk_documents(c)) for c in data.rank_chunks(0, max(1, trainer.world_size)))
     if progress:
         trainer.callbacks.append(DocumentProgress(pending, f"features ({type(module).__name__})"))
+    # a rank may have no pending chunk (fewer chunks left than ranks, e.g. a resume): it idles
+    module.allow_zero_length_dataloader_with_multiple_devices = True
     with warnings.catch_warnings():
         for message in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)

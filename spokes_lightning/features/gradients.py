@@ -13,9 +13,12 @@ Qwen3-0.6B's last two layers + head reach the paper's ~200M parameters) and sket
 * ``projection="kronecker"`` (default, fast): one forward + backward per batch. Hooks on every
   ``nn.Linear`` of the selected blocks (+ head) keep ``R_in x_t`` and the output gradients
   ``delta_t``; each Linear gets the block ``sum_t (R_out delta_t)(R_in x_t)^T / sqrt(k_o k_i)``
-  with ``k_o = k_i = side`` (default ``side = ceil(sqrt(k))``, so every Linear alone has
-  ``>= k`` sketch dims). The ``n_linear * side**2`` concatenation is projected once more with a
-  dense Rademacher matrix to exactly ``k`` (scaled ``1/sqrt(k)``). It sketches Linear weights
+  with ``k_o = k_i = side`` (default ``side = 4 ceil(sqrt(k))``, so every Linear alone has
+  ``16 k`` sketch dims; a side no wider than ``side`` is kept exact). How ``k`` is split: each
+  Linear's block is a sketch of that layer alone, the ``~n_linear * side**2`` concatenation is
+  then projected once more with a dense Rademacher matrix to exactly ``k`` (scaled
+  ``1/sqrt(k)``), so layers share the final ``k`` dims in proportion to their gradient energy,
+  as in the dense eq. 4. It sketches Linear weights
   only (norm weights and biases, a tiny share of the parameters, are left out).
 
 A batch's loss is the SUM of per-document mean losses and padding is on the right and masked,
@@ -28,7 +31,6 @@ therefore contributes nothing to the head's gradient.
 from __future__ import annotations
 
 import hashlib
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,7 @@ class ProxyGradientModule(L.LightningModule):
         self.model.eval()
         self._select_parameters()
         self._sketches: dict[str, KroneckerLayerSketch] = {}
-        self._final: torch.Tensor | None = None
+        self._final: DenseRademacherProjector | None = None
         self.documents_seen = 0
 
     # ----------------------------------------------------------------- setup
@@ -259,10 +261,12 @@ class ProxyGradientModule(L.LightningModule):
             )
         return self._sketches[name]
 
-    def _final_matrix(self, width: int, device) -> torch.Tensor:
-        if self._final is None or self._final.shape[1] != width or self._final.device != torch.device(device):
-            proj = DenseRademacherProjector(self.k, {"kronecker-concat": width}, self.seed, self.dense_block_cols)
-            self._final = proj.materialize().to(device)
+    def _final_projector(self, width: int) -> DenseRademacherProjector:
+        """The dense ``k x width`` Rademacher matrix of the second stage, its blocks kept as int8."""
+        if self._final is None or self._final.input_dim != width:
+            self._final = DenseRademacherProjector(
+                self.k, {"kronecker-concat": width}, self.seed, self.dense_block_cols, cache_blocks=True
+            )
         return self._final
 
     def kronecker_rows(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -293,7 +297,7 @@ class ProxyGradientModule(L.LightningModule):
                 delta = torch.zeros_like(outputs[name])
             blocks.append(self._sketches[name].block(projected[name], delta))
         concat = torch.cat(blocks, dim=1)
-        return concat @ self._final_matrix(concat.shape[1], concat.device).T / math.sqrt(self.k)
+        return self._final_projector(concat.shape[1]).project({"kronecker-concat": concat})
 
     def dense_rows(self, token_lists: list[list[int]]) -> torch.Tensor:
         """Per-document backward, then exact eq. 4 on the stacked batch of gradients."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path, save_npy_atomic
-from ..corpus import Document, read_documents, stream_hub_dataset
+from ..corpus import Document, interleave_by_field, read_documents, stream_hub_dataset
 from ..errors import UserError
 from .stage import RunContext, Stage, log, to_plain
 
@@ -38,11 +38,22 @@ def validation_documents(ctx: RunContext) -> list[Document]:
 
 
 def read_corpus(data) -> list[Document]:
-    """Local files (data.paths) or a hub stream (data.hub.name), first data.limit documents."""
+    """Local files (data.paths) or a hub stream (data.hub.name), first data.limit documents.
+
+    With ``data.interleave_by`` (a field name, local files only) the documents are first
+    round-robined over that field's values, so the first N mix every source.
+    """
     limit = None if data.limit is None else int(data.limit)
     if data.paths:
-        return read_documents(list(data.paths), text_field=data.text_field, id_field=data.id_field, limit=limit)
+        field_name = data.get("interleave_by")
+        docs = read_documents(list(data.paths), text_field=data.text_field, id_field=data.id_field,
+                              limit=None if field_name else limit)
+        if field_name:
+            docs = interleave_by_field(docs, str(field_name))[:limit]
+        return docs
     if data.get("hub") and data.hub.get("name"):
+        if data.get("interleave_by"):
+            raise UserError("data.interleave_by works on local files (data.paths) only, not on a hub stream")
         docs = stream_hub_dataset(data.hub.name, data.hub.get("config"), data.hub.get("split", "train"),
                                   text_field=data.text_field, id_field=data.id_field, limit=limit)
         return list(docs)

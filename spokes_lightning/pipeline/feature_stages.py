@@ -2,14 +2,13 @@
 sentence embeddings, and quality scores, each a chunked, resumable feature store."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
 from ..errors import UserError
 from ..features.store import open_feature_store
 from .data_stages import pool_documents
-from .stage import RunContext, Stage, log, to_plain
+from .stage import RunContext, Stage, log
 
 
 def _extract_kwargs(cfg):

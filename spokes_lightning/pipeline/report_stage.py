@@ -14,7 +14,7 @@ from ..vendi import batch_vendi_score, vendi_score
 from . import plots
 from .data_stages import pool_documents
 from .select_stage import aligned_pool, overlap
-from .stage import RunContext, Stage, log
+from .stage import RunContext, Stage
 
 TASK_LABELS = {"hellaswag": "HellaSwag", "mmlu": "MMLU", "arc_challenge": "ARC-C", "arc_easy": "ARC-E",
                "piqa": "PIQA", "siqa": "SIQA", "boolq": "BoolQ", "winogrande": "WinoGrande",
