@@ -168,22 +168,24 @@ def main() -> None:
         print(f"throughput ({len(sample)} docs, {args.threads} thread): kronecker {k_rate:.2f} docs/s, "
               f"dense {d_rate:.3f} docs/s, speed-up {k_rate / d_rate:.1f}x")
 
-        over = docs[: args.n_overlap]
-        ids_k, z_kron = rows_in_batches(kron, over, 16)
-        z_d0, z_d1 = dense_two_seeds(dense, over, args.dense_batch)
-        assert len(ids_k) == len(z_d0)
-        if args.save:
-            np.savez(args.save, kronecker=z_kron, dense0=z_d0, dense1=z_d1)
-        sel_k, sel_0, sel_1 = spokes_top_half(z_kron), spokes_top_half(z_d0), spokes_top_half(z_d1)
-        half = len(z_d0) // 2
-        ov_kd, ov_dd = len(sel_k & sel_0) / half, len(sel_0 & sel_1) / half
-        print(f"SPOKES 50% overlap on {len(z_d0)} docs: kronecker vs dense(seed 0) {100 * ov_kd:.1f}%, "
-              f"dense(seed 0) vs dense(seed 1) {100 * ov_dd:.1f}%, gap {100 * (ov_dd - ov_kd):+.1f} points")
+        if args.n_overlap:  # 0 skips the overlap part
+            over = docs[: args.n_overlap]
+            ids_k, z_kron = rows_in_batches(kron, over, 16)
+            z_d0, z_d1 = dense_two_seeds(dense, over, args.dense_batch)
+            assert len(ids_k) == len(z_d0)
+            if args.save:
+                np.savez(args.save, kronecker=z_kron, dense0=z_d0, dense1=z_d1)
+            sel_k, sel_0, sel_1 = spokes_top_half(z_kron), spokes_top_half(z_d0), spokes_top_half(z_d1)
+            half = len(z_d0) // 2
+            ov_kd, ov_dd = len(sel_k & sel_0) / half, len(sel_0 & sel_1) / half
+            print(f"SPOKES 50% overlap on {len(z_d0)} docs: kronecker vs dense(seed 0) {100 * ov_kd:.1f}%, "
+                  f"dense(seed 0) vs dense(seed 1) {100 * ov_dd:.1f}%, gap {100 * (ov_dd - ov_kd):+.1f} points")
 
-        t1 = extract_wall_time(proxy, args.n_extract, 1)
-        t2 = extract_wall_time(proxy, args.n_extract, 2)
-        print(f"extract_features on {args.n_extract} docs (kronecker, process start-up included): "
-              f"1 rank {t1:.1f} s, 2 DDP ranks {t2:.1f} s, speed-up {t1 / t2:.2f}x")
+        if args.n_extract:  # 0 skips the 1-vs-2-rank part
+            t1 = extract_wall_time(proxy, args.n_extract, 1)
+            t2 = extract_wall_time(proxy, args.n_extract, 2)
+            print(f"extract_features on {args.n_extract} docs (kronecker, process start-up included): "
+                  f"1 rank {t1:.1f} s, 2 DDP ranks {t2:.1f} s, speed-up {t1 / t2:.2f}x")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,18 @@ def test_reference_store_layout(reference):
     assert reference.manifest["complete"] and reference.manifest["chunk_size"] == CHUNK
 
 
+def test_column_slice_is_a_finished_store_with_the_same_ids(reference, tmp_path):
+    from spokes_lightning.features.store import open_feature_store, write_column_slice
+
+    part = write_column_slice(reference, tmp_path / "part", 16, 48, {"seed": 5}, rows_per_block=7)
+    assert part.ids == reference.ids and part.skipped == reference.skipped
+    np.testing.assert_array_equal(part.matrix, reference.matrix[:, 16:48])
+    again = open_feature_store(tmp_path / "part")
+    assert again.manifest["dim"] == 32 and again.manifest["seed"] == 5 and again.manifest["columns"] == [16, 48]
+    with pytest.raises(ValueError, match="outside"):
+        write_column_slice(reference, tmp_path / "bad", 48, 80, {})
+
+
 def test_chunks_go_to_ranks_round_robin():
     data = ChunkedCorpusDataModule(tiny_documents(20), chunk_size=4, batch_size=3, done_chunks={2})
     assert data.n_chunks == 5

@@ -116,6 +116,58 @@ def test_seed_determines_rows(proxy_dir, docs):
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+@pytest.mark.parametrize("projection", ["kronecker", "dense"])
+def test_extra_seeds_share_one_backward_and_equal_separate_runs(proxy_dir, docs, projection):
+    ids, texts = [i for i, _ in docs[:4]], [t for _, t in docs[:4]]
+    both = make(proxy_dir, seed=1, extra_seeds=[7], projection=projection)
+    assert both.feature_dim == 128 and both.manifest()["extra_seeds"] == [7]
+    rows = both.rows_for(ids, texts)["rows"]
+    first = make(proxy_dir, seed=1, projection=projection).rows_for(ids, texts)["rows"]
+    second = make(proxy_dir, seed=7, projection=projection).rows_for(ids, texts)["rows"]
+    assert rows.shape == (first.shape[0], 128)
+    torch.testing.assert_close(rows[:, :64], first, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rows[:, 64:], second, rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="seeds must differ"):
+        make(proxy_dir, seed=1, extra_seeds=[1])
+
+
+def test_fused_head_gives_the_rows_of_the_unfused_head(proxy_dir, docs):
+    ids, texts = [i for i, _ in docs[:6]], [t for _, t in docs[:6]]
+    fused = make(proxy_dir, seed=3)
+    plain = make(proxy_dir, seed=3, fused_head=False)
+    rows_fused, rows_plain = fused.rows_for(ids, texts)["rows"], plain.rows_for(ids, texts)["rows"]
+    assert fused._fused and fused.head_name == "lm_head" and not plain._fused
+    assert fused.manifest()["fused_head"] and not plain.manifest()["fused_head"]
+    torch.testing.assert_close(rows_fused, rows_plain, rtol=1e-3, atol=1e-5)
+    # the head's share of the row is real: dropping the head changes the rows
+    no_head = make(proxy_dir, seed=3, include_head=False).rows_for(ids, texts)["rows"]
+    assert not torch.allclose(no_head, rows_fused, rtol=1e-2, atol=1e-3)
+
+
+def test_fused_head_cross_entropy_matches_autograd():
+    from spokes_lightning.features.fused_head import IGNORE, HeadCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 6, dtype=torch.float64)
+    targets = torch.randint(0, 40, (10,))
+    targets[[3, 9]] = IGNORE
+    w = torch.rand(10, dtype=torch.float64)
+    r_out = torch.randn(5, 40, dtype=torch.float64)
+    sink = {}
+    out = HeadCrossEntropy.apply(hidden, weight, targets, w, {"a": r_out}, sink, 3)
+    (out * torch.arange(10)).sum().backward()
+    ref_h = hidden.detach().clone().requires_grad_(True)
+    logits = (ref_h @ weight.T).requires_grad_(True)
+    logits.retain_grad()
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE)
+    ref = ce * w
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    (ref * torch.arange(10)).sum().backward()
+    torch.testing.assert_close(hidden.grad, ref_h.grad)
+    torch.testing.assert_close(sink["a"].double(), logits.grad @ r_out.T, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_input_is_one_line_user_error(proxy_dir, tmp_path):
     cases = [
         (dict(model=str(tmp_path / "missing")), "does not exist"),

@@ -53,6 +53,14 @@ def test_summary_contract(demo_run):
         assert (run_dir / v["selection"] / "manifest.json").exists()
         assert (run_dir / (v["megatron_prefix"] + ".bin")).stat().st_size > 0
         assert (run_dir / (v["megatron_prefix"] + ".idx")).exists()
+    # the independent copy: same documents, every projection matrix redrawn (seed + 1000)
+    from spokes_lightning.features.store import open_feature_store
+
+    grads = open_feature_store(run_dir / "features" / "gradients")
+    indep = open_feature_store(run_dir / "features" / "gradients_independent")
+    assert grads.ids == indep.ids and grads.matrix.shape == indep.matrix.shape == (len(grads.ids), 64)
+    assert indep.manifest["seed"] == grads.manifest["seed"] + 1000
+    assert not (grads.matrix == indep.matrix).all()
     # SPOKES optimizes G-Vendi on these very features: it must beat random there
     assert s["methods"]["spokes"]["gvendi"] > s["methods"]["random"]["gvendi"]
     assert s["methods"]["quality"]["mean_quality"] >= s["methods"]["random"]["mean_quality"]

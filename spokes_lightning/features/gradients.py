@@ -21,6 +21,10 @@ Qwen3-0.6B's last two layers + head reach the paper's ~200M parameters) and sket
   as in the dense eq. 4. It sketches Linear weights
   only (norm weights and biases, a tiny share of the parameters, are left out).
 
+``extra_seeds`` adds whole independent projections (every Rademacher matrix redrawn) of the same
+gradients to each row, ``[seed | extra seed 1 | ...]``, at the cost of the projections only:
+the forward + backward is shared (the pipeline uses this for the report's independent G-Vendi).
+
 A batch's loss is the SUM of per-document mean losses and padding is on the right and masked,
 so a document's row does not depend on its batch mates. Documents that are empty or shorter than
 two tokens are reported in ``skipped``, never dropped silently. Layers before the selected blocks
@@ -31,18 +35,21 @@ therefore contributes nothing to the head's gradient.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
 from torch import nn
 
 from ..errors import UserError
+from .fused_head import IGNORE, HeadCrossEntropy, decoder_and_head, next_token_targets
 from .projection import DEFAULT_BLOCK_COLS, DenseRademacherProjector, KroneckerLayerSketch, kronecker_side
 
 PROJECTIONS = ("kronecker", "dense")
+HEAD_CHUNK_BYTES = 1 << 28  # the fused head computes at most this many bytes of logits at once
 DTYPES = ("float16", "float32")
 
 
@@ -126,6 +133,8 @@ class ProxyGradientModule(L.LightningModule):
         dtype: str = "float16",
         kron_side: int | None = None,
         dense_block_cols: int = DEFAULT_BLOCK_COLS,
+        extra_seeds: Sequence[int] = (),
+        fused_head: bool = True,
     ):
         super().__init__()
         if projection not in PROJECTIONS:
@@ -145,12 +154,18 @@ class ProxyGradientModule(L.LightningModule):
             raise UserError(f"n_layers={n_layers} but the model has {len(self.layers)} decoder layers")
         self.n_layers, self.include_head, self.projection = int(n_layers), bool(include_head), projection
         self.k, self.seed, self.max_length, self.feature_dtype = int(k), int(seed), int(max_length), dtype
+        self.seeds = (self.seed, *(int(s) for s in extra_seeds))
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"projection seeds must differ, got {list(self.seeds)}")
         self.kron_side = int(kron_side) if kron_side else kronecker_side(self.k)
         self.dense_block_cols = int(dense_block_cols)
         self.model.eval()
         self._select_parameters()
-        self._sketches: dict[str, KroneckerLayerSketch] = {}
-        self._final: DenseRademacherProjector | None = None
+        self._sketches: dict[tuple[int, str], KroneckerLayerSketch] = {}
+        self._final: dict[int, DenseRademacherProjector] = {}
+        # kronecker + head: run the head in row chunks (fused_head.py) when head(decoder(x)) is the model
+        self.fused_head = bool(fused_head) and projection == "kronecker" and self.include_head
+        self._fused: tuple[nn.Module, nn.Linear] | None | bool = False  # False = not checked yet
         self.documents_seen = 0
 
     # ----------------------------------------------------------------- setup
@@ -191,7 +206,8 @@ class ProxyGradientModule(L.LightningModule):
 
     @property
     def feature_dim(self) -> int:
-        return self.k
+        """``k`` per projection seed: row = [sketch under ``seed`` | sketch under each extra seed]."""
+        return self.k * len(self.seeds)
 
     @property
     def n_selected_parameters(self) -> int:
@@ -211,8 +227,11 @@ class ProxyGradientModule(L.LightningModule):
             "n_selected_parameters": self.n_selected_parameters,
             "normalized": False,
         }
+        if len(self.seeds) > 1:
+            m["extra_seeds"] = list(self.seeds[1:])
         if self.projection == "kronecker":
             m["kron_side"] = self.kron_side
+            m["fused_head"] = self.fused_head
         else:
             m["dense_block_cols"] = self.dense_block_cols
         return m
@@ -247,57 +266,116 @@ class ProxyGradientModule(L.LightningModule):
         """Per-document mean next-token cross-entropy [b] (split forward, see module doc)."""
         with grad_only_from(self.first_selected_block):
             logits = self.model(input_ids=input_ids, attention_mask=mask).logits
-        logits = logits[:, :-1].float()
-        targets = input_ids[:, 1:]
-        tmask = mask[:, 1:].to(logits.dtype)
-        ce = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        return (ce * tmask).sum(dim=1) / tmask.sum(dim=1)
+        # the logits are neither sliced nor transposed: with a large vocabulary a strided
+        # log-softmax and the zero-filled gradient of a slice cost more than the transformer
+        targets = next_token_targets(input_ids, mask)
+        b, t, v = logits.shape
+        ce = nn.functional.cross_entropy(logits.reshape(b * t, v).float(), targets.reshape(-1),
+                                         reduction="none", ignore_index=IGNORE).view(b, t)
+        return ce.sum(dim=1) / (targets != IGNORE).sum(dim=1)
 
     # ----------------------------------------------------------------- projections
-    def _sketch(self, name: str, linear: nn.Linear) -> KroneckerLayerSketch:
-        if name not in self._sketches:
-            self._sketches[name] = KroneckerLayerSketch(
-                name, linear.in_features, linear.out_features, self.kron_side, self.seed, linear.weight.device
+    def _sketch(self, name: str, linear: nn.Linear, seed: int) -> KroneckerLayerSketch:
+        if (seed, name) not in self._sketches:
+            self._sketches[seed, name] = KroneckerLayerSketch(
+                name, linear.in_features, linear.out_features, self.kron_side, seed, linear.weight.device
             )
-        return self._sketches[name]
+        return self._sketches[seed, name]
 
-    def _final_projector(self, width: int) -> DenseRademacherProjector:
-        """The dense ``k x width`` Rademacher matrix of the second stage, its blocks kept as int8."""
-        if self._final is None or self._final.input_dim != width:
-            self._final = DenseRademacherProjector(
-                self.k, {"kronecker-concat": width}, self.seed, self.dense_block_cols, cache_blocks=True
+    def _final_projector(self, width: int, seed: int) -> DenseRademacherProjector:
+        """The dense ``k x width`` Rademacher matrix of the second stage, kept in float32.
+
+        ``width`` is ``~n_linear * side**2`` whatever the model (245,760 for 2 LLaMA blocks + head
+        at k = 1024), so the cache is ``4 k width`` bytes (~1 GB) per seed; generating it per batch
+        instead would cost more than the forward + backward of a small proxy.
+        """
+        if seed not in self._final or self._final[seed].input_dim != width:
+            self._final[seed] = DenseRademacherProjector(
+                self.k, {"kronecker-concat": width}, seed, self.dense_block_cols, cache_blocks="float32"
             )
-        return self._final
+        return self._final[seed]
+
+    def _fused_pieces(self, input_ids: torch.Tensor, mask: torch.Tensor):
+        """``(decoder, head)`` when the chunked head applies (checked once against the model's logits)."""
+        if self._fused is False:
+            self._fused = None
+            pieces = decoder_and_head(self.model) if self.fused_head else None
+            if pieces is not None:
+                ids, m = input_ids[:1, :16], mask[:1, :16]
+                with torch.no_grad():
+                    want = self.model(input_ids=ids, attention_mask=m).logits.float()
+                    got = pieces[1](pieces[0](input_ids=ids, attention_mask=m)[0]).float()
+                if torch.allclose(want, got, rtol=1e-4, atol=1e-4):
+                    self._fused = pieces
+                else:
+                    warnings.warn(f"{type(self.model).__name__}: head(decoder(x)) differs from the model's logits; "
+                                  "using the unfused head (same features, more memory)")
+            self.head_name = (next(n for n, mod in self.model.named_modules() if mod is self._fused[1])
+                              if self._fused else None)
+        return self._fused
+
+    def _fused_total_loss(self, input_ids, mask, pieces, sink) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of per-document mean losses through :class:`HeadCrossEntropy`; also the head's inputs."""
+        decoder, head = pieces
+        with grad_only_from(self.first_selected_block):
+            hidden = decoder(input_ids=input_ids, attention_mask=mask)[0]
+        targets = next_token_targets(input_ids, mask)
+        counts = (targets != IGNORE).sum(dim=1, keepdim=True)
+        weights = (1.0 / counts.float()).expand(targets.shape).reshape(-1).contiguous()
+        b, t, h = hidden.shape
+        out_sides = {seed: self._sketches[seed, self.head_name].r_out for seed in self.seeds}
+        rows = max(64, HEAD_CHUNK_BYTES // (4 * head.out_features))
+        token_losses = HeadCrossEntropy.apply(hidden.reshape(b * t, h), head.weight, targets.reshape(-1), weights,
+                                              out_sides, sink, rows)
+        return token_losses.sum(), hidden.detach()
 
     def kronecker_rows(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """One forward + backward for the batch -> [b, k] (module doc, ``kronecker``)."""
+        """One forward + backward for the batch -> [b, k * n_seeds] (module doc, ``kronecker``)."""
         modules = dict(self.model.named_modules())
-        projected: dict[str, torch.Tensor] = {}
+        fused = self._fused_pieces(input_ids, mask)
+        head_name = self.head_name if fused else None
+        projected: dict[tuple[int, str], torch.Tensor] = {}
         outputs: dict[str, torch.Tensor] = {}
         handles = []
         for name in self.linear_names:
-            sketch = self._sketch(name, modules[name])
+            sketches = {seed: self._sketch(name, modules[name], seed) for seed in self.seeds}
+            if name == head_name:
+                continue  # the fused head sketches itself
 
-            def hook(_m, args, out, name=name, sketch=sketch):
+            def hook(_m, args, out, name=name, sketches=sketches):
                 if out.requires_grad:
-                    projected[name] = sketch.project_inputs(args[0].detach(), mask)
+                    for seed, sketch in sketches.items():
+                        projected[seed, name] = sketch.project_inputs(args[0].detach(), mask)
                     outputs[name] = out
 
             handles.append(modules[name].register_forward_hook(hook))
+        head_sink: dict[int, torch.Tensor] = {}
         try:
-            losses = self.document_losses(input_ids, mask)
+            if fused:
+                total, head_inputs = self._fused_total_loss(input_ids, mask, fused, head_sink)
+                for seed in self.seeds:
+                    projected[seed, head_name] = self._sketches[seed, head_name].project_inputs(head_inputs, mask)
+            else:
+                total = self.document_losses(input_ids, mask).sum()
         finally:
             for h in handles:
                 h.remove()
         names = [n for n in self.linear_names if n in outputs]
-        grads = torch.autograd.grad(losses.sum(), [outputs[n] for n in names], allow_unused=True)
-        blocks = []
-        for name, delta in zip(names, grads):
-            if delta is None:
-                delta = torch.zeros_like(outputs[name])
-            blocks.append(self._sketches[name].block(projected[name], delta))
-        concat = torch.cat(blocks, dim=1)
-        return self._final_projector(concat.shape[1]).project({"kronecker-concat": concat})
+        grads = torch.autograd.grad(total, [outputs[n] for n in names], allow_unused=True)
+        deltas = {n: torch.zeros_like(outputs[n]) if d is None else d for n, d in zip(names, grads)}
+        b, t = input_ids.shape
+        rows = []
+        for seed in self.seeds:  # the expensive part (forward + backward) is shared by every seed
+            blocks = []
+            for n in self.linear_names:
+                if n == head_name:
+                    blocks.append(KroneckerLayerSketch.block_from_projected(
+                        projected[seed, n], head_sink[seed].view(b, t, -1)))
+                elif n in deltas:
+                    blocks.append(self._sketches[seed, n].block(projected[seed, n], deltas[n]))
+            concat = torch.cat(blocks, dim=1)
+            rows.append(self._final_projector(concat.shape[1], seed).project({"kronecker-concat": concat}))
+        return torch.cat(rows, dim=1)
 
     def dense_rows(self, token_lists: list[list[int]]) -> torch.Tensor:
         """Per-document backward, then exact eq. 4 on the stacked batch of gradients."""
@@ -308,12 +386,11 @@ class ProxyGradientModule(L.LightningModule):
             ids, mask = self.pad([toks])
             loss = self.document_losses(ids, mask).sum()
             per_doc.append([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
-        projector = DenseRademacherProjector(
-            self.k, {n: p.numel() for n, p in zip(names, params)}, self.seed, self.dense_block_cols
-        )
         stacked = {n: torch.stack([doc[i] for doc in per_doc]) for i, n in enumerate(names)}
         del per_doc
-        return projector.project(stacked)
+        sizes = {n: p.numel() for n, p in zip(names, params)}
+        return torch.cat([DenseRademacherProjector(self.k, sizes, seed, self.dense_block_cols).project(stacked)
+                          for seed in self.seeds], dim=1)
 
     # ----------------------------------------------------------------- Lightning
     def rows_for(self, ids: list[str], texts: list[str]) -> dict[str, Any]:

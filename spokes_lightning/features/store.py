@@ -122,3 +122,31 @@ def open_feature_store(path: str | Path) -> FeatureStore:
     meta = json.loads((path / "ids.json").read_text())
     manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else {}
     return FeatureStore(path=path, ids=meta["ids"], skipped=meta["skipped"], manifest=manifest)
+
+
+def write_column_slice(store: FeatureStore, path: str | Path, start: int, stop: int,
+                       manifest_updates: dict[str, Any], rows_per_block: int = 65536) -> FeatureStore:
+    """A finished store at ``path`` holding columns ``[start, stop)`` of ``store`` (same ids and order).
+
+    Used to split a store whose rows concatenate several sketches (e.g. two projection seeds from
+    one backward pass). Streams ``rows_per_block`` rows at a time; every file is written atomically
+    and the manifest last, so a killed split leaves no store that looks finished.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    matrix = store.matrix
+    if not 0 <= start < stop <= matrix.shape[1]:
+        raise ValueError(f"columns [{start}, {stop}) outside a store of width {matrix.shape[1]}")
+    (path / MANIFEST).unlink(missing_ok=True)
+    with atomic_path(path / "features.npy", suffix=".npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=matrix.dtype, shape=(matrix.shape[0], stop - start))
+        for r in range(0, matrix.shape[0], rows_per_block):
+            out[r : r + rows_per_block] = matrix[r : r + rows_per_block, start:stop]
+        out.flush()
+        del out
+    write_json_atomic(path / "ids.json", {"ids": list(store.ids), "skipped": dict(store.skipped)})
+    manifest = {**store.manifest, **manifest_updates, "dim": stop - start, "columns_of": str(store.path),
+                "columns": [start, stop]}
+    write_json_atomic(path / MANIFEST, manifest)
+    return open_feature_store(path)
+

@@ -6,9 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UserError
-from ..features.store import open_feature_store
+from ..features.store import open_feature_store, write_column_slice
 from .data_stages import pool_documents
 from .stage import RunContext, Stage, log
+
+
+#: the independent projection (report's G-Vendi under a seed SPOKES never saw) uses seed + this
+INDEPENDENT_SEED_OFFSET = 1000
 
 
 def _extract_kwargs(cfg):
@@ -16,7 +20,8 @@ def _extract_kwargs(cfg):
             "devices": cfg.features.devices, "strategy": cfg.features.strategy}
 
 
-def gradient_store(ctx: RunContext, seed: int, name: str):
+def gradient_store(ctx: RunContext, seeds: list[int], name: str):
+    """Gradient sketches of the pool under each projection seed, from ONE forward + backward per batch."""
     from ..features.extract import extract_features
     from ..features.gradients import ProxyGradientModule
     from ..features.tokenizer import load_tokenizer
@@ -27,8 +32,8 @@ def gradient_store(ctx: RunContext, seed: int, name: str):
     tokenizer = load_tokenizer(model) if not proxy["trained"] else load_tokenizer(ctx.run_dir / proxy["model"])
     g = cfg.features.gradients
     module = ProxyGradientModule(str(model), tokenizer, n_layers=int(g.n_layers), include_head=bool(g.include_head),
-                                 projection=str(g.projection), k=int(g.k), seed=seed, max_length=int(g.max_length),
-                                 dtype=str(g.dtype))
+                                 projection=str(g.projection), k=int(g.k), seed=seeds[0], max_length=int(g.max_length),
+                                 dtype=str(g.dtype), extra_seeds=seeds[1:])
     return extract_features(module, pool_documents(ctx), ctx.run_dir / "features" / name, **_extract_kwargs(cfg))
 
 
@@ -47,13 +52,18 @@ class FeaturesStage(Stage):
         cfg = ctx.cfg
         seed = int(cfg.seed)
         out = {}
-        grads = gradient_store(ctx, seed, "gradients")
+        k = int(cfg.features.gradients.k)
+        if cfg.report.gvendi_independent:  # both seeds' sketches from one backward, then split
+            both = gradient_store(ctx, [seed, seed + INDEPENDENT_SEED_OFFSET], "gradients_two_seeds")
+            grads = write_column_slice(both, ctx.run_dir / "features" / "gradients", 0, k, {"extra_seeds": []})
+            write_column_slice(both, ctx.run_dir / "features" / "gradients_independent", k, 2 * k,
+                               {"seed": seed + INDEPENDENT_SEED_OFFSET, "extra_seeds": []})
+            out["gradients_independent"] = "features/gradients_independent"
+        else:
+            grads = gradient_store(ctx, [seed], "gradients")
         out["gradients"] = "features/gradients"
         log(f"features: gradients {grads.matrix.shape} ({len(grads.skipped)} documents skipped: "
             f"{sorted(set(grads.skipped.values()))})")
-        if cfg.report.gvendi_independent:
-            gradient_store(ctx, seed + 1000, "gradients_independent")
-            out["gradients_independent"] = "features/gradients_independent"
         emb = extract_features(EmbeddingModule(cfg.embeddings.model), pool_documents(ctx),
                                ctx.run_dir / "features" / "embeddings", **_extract_kwargs(cfg))
         out["embeddings"] = "features/embeddings"
