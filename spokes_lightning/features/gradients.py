@@ -47,27 +47,11 @@ from torch import nn
 from ..errors import UserError
 from .fused_head import IGNORE, HeadCrossEntropy, decoder_and_head, next_token_targets
 from .projection import DEFAULT_BLOCK_COLS, DenseRademacherProjector, KroneckerLayerSketch, kronecker_side
+from .proxy import load_causal_lm
 
 PROJECTIONS = ("kronecker", "dense")
 HEAD_CHUNK_BYTES = 1 << 28  # the fused head computes at most this many bytes of logits at once
 DTYPES = ("float16", "float32")
-
-
-def load_causal_lm(ref: str | Path) -> nn.Module:
-    """Local directory or hub id -> causal LM; offline hub ids fail with one UserError line."""
-    try:
-        from .proxy import load_causal_lm as proxy_loader  # the proxy stage's loader, if present
-    except ImportError:
-        proxy_loader = None
-    if proxy_loader is not None:
-        return proxy_loader(ref)
-    from transformers import AutoModelForCausalLM
-
-    from .hub import load_pretrained
-
-    return load_pretrained(
-        ref, AutoModelForCausalLM.from_pretrained, what="proxy model", setting="model", example="Qwen3-0.6B-Base"
-    )
 
 
 def load_tokenizer(ref: str | Path):
