@@ -149,4 +149,3 @@ def write_column_slice(store: FeatureStore, path: str | Path, start: int, stop: 
                 "columns": [start, stop]}
     write_json_atomic(path / MANIFEST, manifest)
     return open_feature_store(path)
-

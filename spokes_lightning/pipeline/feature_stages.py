@@ -2,14 +2,12 @@
 sentence embeddings, and quality scores, each a chunked, resumable feature store."""
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..errors import UserError
 from ..features.store import open_feature_store, write_column_slice
 from .data_stages import pool_documents
 from .stage import RunContext, Stage, log
-
 
 #: the independent projection (report's G-Vendi under a seed SPOKES never saw) uses seed + this
 INDEPENDENT_SEED_OFFSET = 1000
