@@ -34,6 +34,7 @@ from spokes_lightning.errors import UserError
 from spokes_lightning.features.store import FeatureStore, open_feature_store
 from spokes_lightning.selection_artifact import file_sha256, write_selection
 from spokes_lightning.selectors.base import SelectionInputs, Selector, get_selector
+from spokes_lightning.vendi import DEFAULT_CHUNK_ROWS
 
 STORE_FIELDS = ("features", "embeddings", "quality")
 
@@ -97,7 +98,7 @@ def _on_all_ranks(step: Callable[[], Any]) -> Any:
 def _select_sharded(selector: Selector, inputs: SelectionInputs, k: int, seed: int):
     """Collective selector: each rank passes its row shard; scores are gathered in rank order."""
     rank, world = D.world()
-    start, stop = D.shard_bounds(inputs.n, rank, world)
+    start, stop = D.shard_bounds(inputs.n, rank, world, align=DEFAULT_CHUNK_ROWS)  # whole chunks per rank
     fields = ("features", "embeddings", "quality", "ids", "lengths")
     shard = SelectionInputs(**{f: None if getattr(inputs, f) is None
                                else getattr(inputs, f)[start:stop] for f in fields})

@@ -6,6 +6,8 @@ per-rank top-k candidates. With no process group every function is the identity.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -63,8 +65,27 @@ def shard_offset(n_local: int) -> tuple[int, int]:
     return int(sum(counts[:rank])), int(sum(counts))
 
 
-def shard_bounds(n_total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous near-equal row block [start, stop) of rank ``rank`` out of ``world_size``."""
-    base, extra = divmod(n_total, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
+def exact_sum(values: np.ndarray, bound: float) -> float:
+    """Sum across ranks of ``values`` (|total| <= bound), the same bits for any sharding.
+
+    Each value is rounded to a fixed-point grid of bound * 2**-61 and the int64 sums are
+    all-reduced: integer addition is exact and order-free, unlike float sums.
+    """
+    exponent = 61 - math.ceil(math.log2(max(bound, 1e-300)))
+    local = np.array([int(np.rint(np.ldexp(np.asarray(values, dtype=np.float64), exponent)).astype(np.int64).sum())],
+                     dtype=np.int64)
+    all_reduce_sum_(local)
+    return float(np.ldexp(float(local[0]), -exponent))
+
+
+def shard_bounds(n_total: int, rank: int, world_size: int, align: int = 1) -> tuple[int, int]:
+    """Contiguous near-equal row block [start, stop) of rank ``rank`` out of ``world_size``.
+
+    With ``align`` (e.g. the SPOKES chunk size) every boundary is a multiple of it, so each
+    global chunk lies on one rank and float32 chunk products are the same bits at any world size.
+    """
+    units = -(-n_total // align)
+    base, extra = divmod(units, world_size)
+    start = (rank * base + min(rank, extra)) * align
+    stop = start + (base + (1 if rank < extra else 0)) * align
+    return min(start, n_total), min(stop, n_total)

@@ -40,14 +40,61 @@ def iter_unit_row_chunks(
     Raises :class:`UserError` on NaN/Inf (naming the first bad row) and on zero-norm rows
     (naming them) unless ``drop_zero_rows`` (then those rows get ``keep_mask=False``).
     """
-    if features.ndim != 2:
-        raise UserError(f"features must be a 2-d N x d matrix, got shape {tuple(features.shape)}")
-    n = features.shape[0]
+    for start, block, keep, norms in _validated_chunks(features, chunk_rows, row_offset, drop_zero_rows):
+        block /= norms[:, None]
+        yield start, block, keep
+
+
+class UnitRows:
+    """This rank's feature rows, l2-normalized on the fly: validated once, then read in any dtype.
+
+    One pass at construction checks NaN/Inf (naming the first bad global row), computes the
+    row norms in float64 and the keep mask (zero-norm rows are an error unless
+    ``drop_zero_rows``). Later passes only cast and scale, so an optimizer that reads the
+    rows every step (SPOKES) pays the checks once. Chunks follow the global grid of
+    :func:`iter_unit_row_chunks`.
+    """
+
+    def __init__(self, features, chunk_rows: int = DEFAULT_CHUNK_ROWS, *, row_offset: int = 0,
+                 drop_zero_rows: bool = False):
+        self.features, self.chunk_rows, self.row_offset = features, chunk_rows, row_offset
+        n = features.shape[0]
+        self.inv_norm = np.zeros(n, dtype=np.float64)
+        self.keep = np.zeros(n, dtype=bool)
+        for start, _, keep, norms in _validated_chunks(features, chunk_rows, row_offset, drop_zero_rows):
+            self.keep[start : start + len(keep)] = keep
+            self.inv_norm[start : start + len(keep)] = np.where(keep, 1.0 / norms, 0.0)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def chunks(self, dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(local start, unit rows in dtype)``; dropped rows are all-zero."""
+        for start, stop in chunk_grid(len(self), self.chunk_rows, self.row_offset):
+            yield start, self.take(slice(start, stop), dtype)
+
+    def take(self, rows, dtype=np.float32) -> np.ndarray:
+        """Unit rows for a slice or an ascending array of local indices."""
+        block = np.array(self.features[rows], dtype=dtype)  # always a copy: scaled in place
+        block *= self.inv_norm[rows].astype(dtype)[:, None]
+        return block
+
+
+def chunk_grid(n: int, chunk_rows: int, row_offset: int = 0):
+    """(start, stop) of the local pieces of the global chunk grid (multiples of chunk_rows)."""
     start = 0
     while start < n:
-        global_start = row_offset + start
-        stop = min(n, start + chunk_rows - (global_start % chunk_rows))
-        block = np.asarray(features[start:stop], dtype=np.float64)
+        stop = min(n, start + chunk_rows - ((row_offset + start) % chunk_rows))
+        yield start, stop
+        start = stop
+
+
+def _validated_chunks(features, chunk_rows, row_offset, drop_zero_rows):
+    """(start, float64 block, keep mask, norms) per chunk, raising on NaN/Inf and zero rows."""
+    if features.ndim != 2:
+        raise UserError(f"features must be a 2-d N x d matrix, got shape {tuple(features.shape)}")
+    for start, stop in chunk_grid(features.shape[0], chunk_rows, row_offset):
+        block = np.array(features[start:stop], dtype=np.float64)
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             bad = row_offset + start + int(np.flatnonzero(~finite)[0])
@@ -62,9 +109,7 @@ def iter_unit_row_chunks(
                 "pass drop_zero_rows / --drop-zero-rows to drop them"
             )
         norms[zero] = 1.0
-        block /= norms[:, None]
-        yield start, block, ~zero
-        start = stop
+        yield start, block, ~zero, norms
 
 
 class ExactGramSum:

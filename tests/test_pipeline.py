@@ -72,8 +72,18 @@ def test_report_and_figures(demo_run):
     for needle in ["HellaSwag" if False else "ARC-E", "_chance_", "Published (paper Table 2)", "Departures from OLMES",
                    "Decontamination", "G-Vendi (indep. proj.)"]:
         assert needle in report
-    for fig in ["fig1_alpha_tradeoff.png", "fig2_overlaps.png", "fig3_gvendi_vs_topk.png", "training_curves.png"]:
+    for fig in ["fig1_alpha_tradeoff.png", "fig2_overlaps.png", "fig3_gvendi_vs_k.png", "fig4_representations.png",
+                "training_curves.png"]:
         assert (run_dir / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
+    s = json.loads((run_dir / "summary.json").read_text())
+    curves = s["rounding_curves"]  # paper Fig. 3: one curve per rounding rule beside random, on this run's pool
+    assert set(curves) == {"k", "random", "greedy", "topk", "systematic"}
+    assert all(len(curves[r]) == len(curves["k"]) for r in ("random", "greedy", "topk", "systematic"))
+    assert [r["representation"] for r in s["representations"]] == ["gradients", "embeddings"]  # paper Fig. 4
+    assert "Representations (paper Fig. 4)" in report
+    manifest = json.loads((run_dir / s["methods"]["spokes"]["selection"] / "manifest.json").read_text())
+    assert manifest["stats"]["rounding"] == "greedy" and manifest["stats"]["rounding_seed"] == manifest["seed"]
+    assert 1 <= manifest["stats"]["steps_run"] <= manifest["stats"]["max_steps"]
     assert (run_dir / "megatron" / "pretrain_spokes.sh").exists()
     assert "Report:" in r.stdout
     assert list((run_dir / "wandb").rglob("*.wandb")), "wandb offline runs missing"

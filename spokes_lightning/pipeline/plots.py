@@ -1,5 +1,7 @@
 """The report's figures (matplotlib, Agg): paper Fig 1 (alpha trade-off), Fig 2 (overlaps),
-Fig 3 (G-Vendi vs top-k, SPOKES vs random), and the pretraining curves."""
+Fig 3 (G-Vendi vs k, one curve per rounding rule beside random), Fig 4 (Vendi under gradient
+features and embeddings, random vs SPOKES run on each), and the pretraining curves.
+The numbers behind Fig 3 and Fig 4 come from :mod:`.figure_data`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,17 +26,34 @@ def _save(fig, path: Path) -> None:
     _figure().close(fig)
 
 
-def gvendi_vs_topk(path: Path, ks, spokes_gv, random_gv) -> None:
-    """Fig 3: G-Vendi of the top-k by SPOKES weight vs a random k-subset."""
+def gvendi_vs_k(path: Path, ks, curves: dict[str, list[float]], random_gv) -> None:
+    """Fig 3: G-Vendi of the k-subset each rounding rule makes from the SPOKES weights, and random k."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ks, spokes_gv, "o-", label="SPOKES top-k")
-    ax.plot(ks, random_gv, "s--", label="random k")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for (rule, values), marker in zip(curves.items(), "o^vD"):
+        ax.plot(ks, values, marker + "-", label=f"SPOKES, {rule} rounding")
+    ax.plot(ks, random_gv, "s--", color="gray", label="random k")
     ax.set_xlabel("k (documents)")
     ax.set_ylabel("G-Vendi")
-    ax.set_title("G-Vendi vs top-k (paper Fig. 3)")
-    ax.legend()
+    ax.set_title("G-Vendi vs k (paper Fig. 3)")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def representation_bars(path: Path, rows: list[dict]) -> None:
+    """Fig 4: Vendi under each representation, for random and for SPOKES run on that representation."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    reps = [r["representation"] for r in rows]
+    x = np.arange(len(reps))
+    ax.bar(x - 0.2, [r["random"] for r in rows], 0.4, label="random", color="gray")
+    ax.bar(x + 0.2, [r["spokes"] for r in rows], 0.4, label="SPOKES (run on this representation)")
+    ax.set_xticks(x, reps)
+    ax.set_ylabel("Vendi score")
+    ax.set_title("Vendi by representation (paper Fig. 4)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
     _save(fig, path)
 
 
@@ -85,17 +104,3 @@ def training_curves(path: Path, curves: dict[str, list[dict]]) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path)
-
-
-def topk_curve(features, weights, seed: int, n_points: int = 8):
-    """(ks, G-Vendi of SPOKES top-k, G-Vendi of random k) on ``features``."""
-    from ..selectors import top_k_indices
-    from ..vendi import vendi_score
-
-    n = len(weights)
-    ks = sorted({max(2, int(n * f)) for f in np.linspace(0.05, 1.0, n_points)})
-    order = top_k_indices(np.asarray(weights), n)
-    perm = np.random.default_rng(seed).permutation(n)
-    spokes = [vendi_score(np.asarray(features[np.sort(order[:k])])) for k in ks]
-    rand = [vendi_score(np.asarray(features[np.sort(perm[:k])])) for k in ks]
-    return ks, spokes, rand

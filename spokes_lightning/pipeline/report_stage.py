@@ -120,6 +120,18 @@ def selection_table(ctx: RunContext, summary: dict) -> str:
     return head + "".join(lines)
 
 
+def representation_markdown(summary) -> str:
+    """Paper Fig. 4 as a table: Vendi of random vs SPOKES under each representation."""
+    rows = summary.get("representations")
+    if not rows:
+        return ""
+    head = ("\n### Representations (paper Fig. 4)\n\nSPOKES run on each representation at the spokes budget "
+            f"(k = {rows[0]['k']}), each subset scored in its own space; random is the mean of 5 seeds.\n\n"
+            "| representation | random | SPOKES | ratio |\n|---|---|---|---|\n")
+    return head + "".join(f"| {r['representation']} | {r['random']:.1f} | {r['spokes']:.1f} | "
+                          f"{r['spokes'] / r['random']:.2f}x |\n" for r in rows)
+
+
 class ReportStage(Stage):
     name = "report"
     needs = ("corpus", "tokenizer", "features", "select", "export", "pretrain", "evaluate")
@@ -142,7 +154,7 @@ class ReportStage(Stage):
             "stage_seconds": dict(ctx.cache.get("stage_seconds", {})),
             "methods": {m: method_summary(ctx, m, info, pool, independent) for m, info in select["methods"].items()},
         }
-        figures = self.figures(ctx, pool, select)
+        figures = self.figures(ctx, pool, select, summary)
         write_json_atomic(ctx.run_dir / "summary.json", summary)
         write_text_atomic(ctx.run_dir / "report.md", self.markdown(ctx, summary, figures))
         if cfg.wandb.enabled:
@@ -151,15 +163,23 @@ class ReportStage(Stage):
             log_comparison(ctx, summary)
         return {"summary": "summary.json", "report": "report.md", "figures": figures}
 
-    def figures(self, ctx, pool, select) -> dict:
+    def figures(self, ctx, pool, select, summary) -> dict:
         out = {}
         fig_dir = ctx.run_dir / "figures"
         if "spokes" in select["methods"]:
-            sel = read_selection(ctx.run_dir / select["methods"]["spokes"]["selection"])
-            if sel.scores is not None:
-                ks, s, r = plots.topk_curve(pool.inputs.features, sel.scores, int(ctx.cfg.seed))
-                plots.gvendi_vs_topk(fig_dir / "fig3_gvendi_vs_topk.png", ks, s, r)
-                out["fig3"] = "figures/fig3_gvendi_vs_topk.png"
+            from .figure_data import representation_table, rounding_curves
+            from .select_stage import spokes_params
+
+            params, seed = spokes_params(ctx.cfg), int(ctx.cfg.seed)
+            ks, curves, rand = rounding_curves(pool.inputs.features, params, seed)
+            plots.gvendi_vs_k(fig_dir / "fig3_gvendi_vs_k.png", ks, curves, rand)
+            out["fig3"] = "figures/fig3_gvendi_vs_k.png"
+            k = int(select["methods"]["spokes"]["n_selected"])
+            summary["rounding_curves"] = {"k": ks, "random": rand, **curves}
+            summary["representations"] = representation_table(pool.inputs.features, pool.inputs.embeddings, k,
+                                                               params, seed)
+            plots.representation_bars(fig_dir / "fig4_representations.png", summary["representations"])
+            out["fig4"] = "figures/fig4_representations.png"
         if select.get("alpha_sweep"):
             sweep = json.loads((ctx.run_dir / select["alpha_sweep"]).read_text())
             plots.alpha_tradeoff(fig_dir / "fig1_alpha_tradeoff.png", sweep["rows"], select["alpha"])
@@ -193,7 +213,7 @@ class ReportStage(Stage):
                  "other, not with the published 1B/100B-token numbers below.\n\n", paper_reference(),
                  "\n## Selections\n\nG-Vendi is on the gradient features SPOKES optimized; the independent column "
                  "re-scores the same documents under a gradient sketch with another projection seed.\n\n",
-                 selection_table(ctx, summary),
+                 selection_table(ctx, summary), representation_markdown(summary),
                  "\n## Decontamination (documents sharing a "
                  f"{cfg.evaluate.decontamination_ngram}-gram with any evaluation item)\n\n| Method | contaminated | of |\n|---|---|---|\n",
                  "".join(f"| {m} | {c['n_contaminated']} | {c['n_documents']} |\n" for m, c in contamination.items()),

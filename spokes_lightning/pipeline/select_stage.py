@@ -101,16 +101,27 @@ def overlap(a: np.ndarray, b: np.ndarray) -> float:
     return 100.0 * len(np.intersect1d(a, b)) / max(1, min(len(a), len(b)))
 
 
+def spokes_params(cfg) -> dict:
+    """The ``spokes`` spec's settings (steps, rounding, ...) without selector and alpha."""
+    spec = dict(to_plain(cfg.selection.specs).get("spokes", {}))
+    for key in ("selector", "alpha"):
+        spec.pop(key, None)
+    return spec
+
+
 def alpha_sweep(pool: AlignedPool, cfg, k: int, seed: int) -> dict:
-    """Section 3.2: overlap of the joint subset with quality-only and diversity-only subsets."""
+    """Section 3.2: overlap of the joint subset with quality-only and diversity-only subsets.
+
+    Every SPOKES run of the sweep uses the ``spokes`` spec's settings, so its rounding too.
+    """
     from ..spokes import selection_scores
 
-    steps = int(cfg.selection.specs.spokes.get("steps", 20))
+    params = spokes_params(cfg)
     q_only = get_selector("quality").select(pool.inputs, k, seed).indices
-    d_only = get_selector("spokes", alpha=0.0, steps=steps).select(pool.inputs, k, seed).indices
+    d_only = get_selector("spokes", alpha=0.0, **params).select(pool.inputs, k, seed).indices
     rows = []
     for alpha in [0.0, *map(float, cfg.selection.alpha_grid), 1.0]:
-        idx = get_selector("spokes", alpha=alpha, steps=steps).select(pool.inputs, k, seed).indices
+        idx = d_only if alpha == 0.0 else get_selector("spokes", alpha=alpha, **params).select(pool.inputs, k, seed).indices
         gv, mq = selection_scores(pool.inputs.features, pool.inputs.quality, idx)
         rows.append({"alpha": alpha, "overlap_quality": overlap(idx, q_only), "overlap_diversity": overlap(idx, d_only),
                      "gvendi": gv, "mean_quality": mq})
@@ -118,7 +129,7 @@ def alpha_sweep(pool: AlignedPool, cfg, k: int, seed: int) -> dict:
             f"diversity-only {rows[-1]['overlap_diversity']:.1f}%, G-Vendi {gv:.1f}, quality {mq:.3f}")
     inner = [r for r in rows if 0.0 < r["alpha"] < 1.0]
     best = min(inner, key=lambda r: (abs(r["overlap_quality"] - r["overlap_diversity"]), r["alpha"]))
-    return {"k": k, "rows": rows, "auto_alpha": best["alpha"]}
+    return {"k": k, "rows": rows, "auto_alpha": best["alpha"], "rounding": params.get("rounding", "greedy")}
 
 
 class SelectStage(Stage):
