@@ -7,18 +7,28 @@ from .errors import UserError
 
 
 def parse_budget(text: str | int | float) -> int | float:
-    """``"400"`` -> 400 (a count); ``"0.1"`` / ``"1.0"`` -> a fraction (written with a point)."""
+    """``"400"`` -> 400 (a count); ``"0.1"`` / ``"1.0"`` -> a fraction (written with a point).
+
+    Scientific notation without a point (``"1e3"``) is a count when it is a whole number;
+    anything else in that form is refused, since only a decimal point makes a fraction.
+    """
     if isinstance(text, bool):
         raise UserError(f"budget must be a count or a fraction, got {text!r}")
     if isinstance(text, (int, float)):
         return text
     s = str(text).strip()
     try:
-        if any(c in s for c in ".eE"):
+        if "." in s:
             return float(s)
+        if any(c in s for c in "eE"):
+            value = float(s)
+            if not (math.isfinite(value) and value.is_integer()):
+                raise ValueError
+            return int(value)
         return int(s)
     except ValueError:
-        raise UserError(f"budget must be a count (400) or a fraction (0.1), got {text!r}") from None
+        raise UserError(f"budget must be a count (400 or 1e3) or a fraction with a decimal point (0.1), "
+                        f"got {text!r}") from None
 
 
 def budget_to_count(budget: int | float, n: int) -> int:

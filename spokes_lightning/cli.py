@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,14 @@ from .selectors import SelectionInputs, available_methods, get_selector
 from .spokes import selection_scores
 
 
+def describe_load_error(exc: Exception) -> str:
+    """What np.load's error means for a user (it calls any non-.npy file 'pickled data')."""
+    text = str(exc)
+    if "pickled" in text or "allow_pickle" in text:
+        return "not a .npy array file (text, pickle or another format); save it with numpy.save"
+    return f"{exc.__class__.__name__}: {text}"
+
+
 def load_matrix(path: str, what: str = "features") -> np.ndarray:
     """N x d float matrix from .npy, memory-mapped (never read whole into RAM)."""
     p = Path(path)
@@ -31,7 +40,7 @@ def load_matrix(path: str, what: str = "features") -> np.ndarray:
     try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except Exception as exc:  # corrupt or not an .npy
-        raise UserError(f"cannot read {what} file {path}: {exc.__class__.__name__}: {exc}") from None
+        raise UserError(f"cannot read {what} file {path}: {describe_load_error(exc)}") from None
     if arr.ndim != 2:
         raise UserError(f"{what} must be a 2-d N x d matrix, {path} has shape {arr.shape}")
     if arr.dtype.kind != "f":
@@ -57,7 +66,7 @@ def load_vector(path: str, n: int, what: str = "quality") -> np.ndarray:
     try:
         arr = np.load(p, allow_pickle=False)
     except Exception as exc:
-        raise UserError(f"cannot read {what} file {path}: {exc}") from None
+        raise UserError(f"cannot read {what} file {path}: {describe_load_error(exc)}") from None
     arr = np.asarray(arr, dtype=np.float64).reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr
     if arr.ndim != 1 or arr.shape[0] != n:
         raise UserError(f"{what} has shape {tuple(arr.shape)} but features have N = {n} rows")
@@ -79,22 +88,39 @@ def parse_params(items: list[str]) -> dict:
     return params
 
 
+def check_output_path(out: str, inputs: list[str]) -> None:
+    """Refuse an --out that is an input, a directory, or not writable: before any work is done."""
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name such as {path / 'indices.npy'}")
+    for given in inputs:
+        if given and path.resolve() == Path(given).resolve():
+            raise UserError(f"--out {out} is also an input file; choose another output path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"output directory does not exist: {parent}")
+    try:  # os.access says yes to root on a read-only mount: try a real file
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+        probe.close()
+    except OSError as exc:
+        raise UserError(f"cannot write to {parent}: {exc.strerror or exc}") from None
+
+
 def cmd_select(args) -> dict:
-    if args.alpha is not None and (not 0.0 <= args.alpha <= 1.0 or math.isnan(args.alpha)):
-        raise UserError(f"alpha must be in [0, 1], got {args.alpha}")
     params = parse_params(args.param)
+    if args.method == "spokes":  # the SPOKES flags are parameters of the spokes method
+        params.update(alpha=args.alpha or 0.0, steps=args.steps, step_rule=args.step_rule, lr=args.lr,
+                      drop_zero_rows=args.drop_zero_rows)
+    elif args.alpha is not None and (not 0.0 <= args.alpha <= 1.0 or math.isnan(args.alpha)):
+        raise UserError(f"alpha must be in [0, 1], got {args.alpha}")
     selector = get_selector(args.method, **params)
+    check_output_path(args.out, [args.features, args.quality])
     features = load_matrix(args.features, "features")
     n = features.shape[0]
     k = budget_to_count(parse_budget(args.budget), n)
     quality = load_vector(args.quality, n) if args.quality else None
-    if args.method == "spokes":
-        selector.params.update(alpha=args.alpha or 0.0, steps=args.steps, step_rule=args.step_rule,
-                               lr=args.lr, drop_zero_rows=args.drop_zero_rows)
     inputs = SelectionInputs(quality=quality)
     setattr(inputs, selector.feature_field, features)
-    if args.out and Path(args.out).parent and not Path(args.out).parent.exists():
-        raise UserError(f"output directory does not exist: {Path(args.out).parent}")
     result = selector.select(inputs, k, seed=args.seed)
     indices = np.asarray(result.indices, dtype=np.int64)
     gvendi, mean_q = selection_scores(features, quality, indices)
@@ -103,17 +129,30 @@ def cmd_select(args) -> dict:
             "mean_quality": mean_q}
 
 
+def load_indices(path: str, n: int) -> np.ndarray:
+    """Row indices from .npy: integers, in [0, n), unique, non-empty; one line for anything else."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"indices file not found: {path}")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as exc:
+        raise UserError(f"cannot read indices file {path}: {describe_load_error(exc)}") from None
+    if arr.dtype.kind not in "iu":
+        raise UserError(f"indices in {path} must be integers, got {arr.dtype}")
+    arr = arr.astype(np.int64).reshape(-1)
+    if len(arr) == 0 or arr.min() < 0 or arr.max() >= n:
+        raise UserError(f"indices in {path} must be non-empty and in [0, {n})")
+    if len(np.unique(arr)) != len(arr):
+        raise UserError(f"indices in {path} contain {len(arr) - len(np.unique(arr))} duplicates")
+    return arr
+
+
 def cmd_gvendi(args) -> dict:
     from .vendi import batch_vendi_score, vendi_score
 
     features = load_matrix(args.features, "features")
-    indices = None
-    if args.indices:
-        if not Path(args.indices).is_file():
-            raise UserError(f"indices file not found: {args.indices}")
-        indices = np.load(args.indices, allow_pickle=False).astype(np.int64).reshape(-1)
-        if len(indices) == 0 or indices.min() < 0 or indices.max() >= features.shape[0]:
-            raise UserError(f"indices must be non-empty and in [0, {features.shape[0]})")
+    indices = load_indices(args.indices, features.shape[0]) if args.indices else None
     rows = features if indices is None else features[np.sort(indices)]
     score = vendi_score(rows, drop_zero_rows=args.drop_zero_rows)
     batch = None

@@ -25,13 +25,16 @@ def fail(message: str) -> "None":
 
 @contextmanager
 def user_errors_exit():
-    """Turn :class:`UserError` (and missing files) raised inside the block into ``fail``."""
+    """Turn :class:`UserError` and filesystem errors raised inside the block into ``fail``."""
     try:
         yield
     except UserError as exc:
         fail(str(exc))
     except FileNotFoundError as exc:
         fail(f"file not found: {exc.filename or exc}")
+    except OSError as exc:  # read-only directory, a path under a file, a full disk, ...
+        where = f" {exc.filename}" if exc.filename else ""
+        fail(f"cannot write or read{where}: {exc.strerror or exc}")
 
 
 def require_package(module: str, pip_name: str | None = None):

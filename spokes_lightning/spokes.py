@@ -240,6 +240,8 @@ def run_spokes(
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     problem = _Problem(features, quality, alpha, chunk_rows, drop_zero_rows, dtype)
+    if problem.n_kept == 0:
+        raise UserError(f"all {problem.n_total} feature rows have zero norm: nothing to select")
     if not (1 <= k <= problem.n_kept):
         raise UserError(f"budget must be in [1, {problem.n_kept}] documents, got {k}")
     log_w = np.where(problem.keep, -math.log(problem.n_kept), -np.inf)

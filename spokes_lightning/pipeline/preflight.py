@@ -10,6 +10,17 @@ from .stage import to_plain
 KNOWN_STAGES = ("corpus", "tokenizer", "proxy", "features", "select", "export", "pretrain", "evaluate", "report")
 
 
+def document_limit(value, key: str) -> int | None:
+    """A ``*.limit`` setting: null (no limit) or a whole number >= 0; one line otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{key} must be a whole number of documents (or null for no limit), got {value!r}")
+    if value < 0:
+        raise UserError(f"{key} must be >= 0 (or null for no limit), got {value}")
+    return value
+
+
 def _hub_resource(ref, setting: str, what: str) -> None:
     """A reference that is not a local directory must be a reachable hub id (fail fast otherwise)."""
     from ..features.hub import hub_is_reachable, looks_like_path, offline_message
@@ -22,11 +33,40 @@ def _hub_resource(ref, setting: str, what: str) -> None:
         raise UserError(offline_message(str(ref), what, setting, str(ref).split("/")[-1]))
 
 
-def check_config(cfg) -> None:
-    specs = to_plain(cfg.selection.specs)
-    for m in cfg.selection.methods:
+def check_run_dir(run_dir) -> None:
+    """run_dir must be (or be creatable as) a writable directory: one line otherwise."""
+    path = Path(str(run_dir))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run_dir {path} is a file, not a directory")
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"run_dir {path} is under {existing}, which is a file")
+    import tempfile
+
+    try:  # os.access says yes to root on a read-only mount: try a real file
+        tempfile.NamedTemporaryFile(dir=existing, prefix=".spokes-probe-").close()
+    except OSError as exc:
+        raise UserError(f"run_dir {path} is not writable ({existing}: {exc.strerror or exc})") from None
+
+
+def check_method_specs(specs: dict, methods) -> None:
+    """Every method spec names a known selector with declared, valid parameters."""
+    from ..selectors import get_selector
+
+    for m in methods:
         if m not in specs:
             raise UserError(f"unknown method '{m}' in selection.methods; known: {', '.join(sorted(specs))}")
+        spec = dict(specs[m])
+        if "selector" not in spec:
+            raise UserError(f"selection.specs.{m} needs a 'selector' key")
+        if spec.get("alpha") == "auto":
+            spec["alpha"] = 0.0  # resolved by the alpha sweep at select time
+        get_selector(spec.pop("selector"), **spec)
+
+
+def check_config(cfg) -> None:
+    check_run_dir(cfg.run_dir)
+    check_method_specs(to_plain(cfg.selection.specs), cfg.selection.methods)
     if cfg.stages is not None:
         for s in cfg.stages:
             if s not in KNOWN_STAGES:
@@ -42,6 +82,8 @@ def check_config(cfg) -> None:
     if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0 <= float(alpha) <= 1):
         raise UserError(f"selection.alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
     data = cfg.data
+    document_limit(data.get("limit"), "data.limit")
+    document_limit(cfg.evaluate.get("limit"), "evaluate.limit")
     if data.paths:
         from ..corpus import read_documents, resolve_paths
 

@@ -73,6 +73,13 @@ def token_prefix(order: np.ndarray, lengths: np.ndarray, budget_tokens: int) -> 
     return order[: max(1, int(fits.sum()) if fits.all() else int(np.argmin(fits)))]
 
 
+def ordered_methods(cfg, methods) -> list[str]:
+    """The methods of ``methods`` (a dict or list) in selection.methods order, whether they were
+    selected in this process or read back from run_dir (where markers keep keys sorted)."""
+    configured = [str(m) for m in cfg.selection.methods]
+    return [m for m in configured if m in methods] + sorted(m for m in methods if m not in configured)
+
+
 def method_spec(cfg, method: str) -> dict:
     specs = to_plain(cfg.selection.specs)
     if method not in specs:
@@ -139,6 +146,10 @@ class SelectStage(Stage):
     def settings(self, cfg):
         return {"selection": cfg.selection, "seed": cfg.seed}
 
+    def handed_on(self, outputs):
+        return [v["selection"] for v in outputs["methods"].values()] + (
+            [outputs["alpha_sweep"]] if outputs.get("alpha_sweep") else [])
+
     def run(self, ctx):
         cfg = ctx.cfg
         sel = cfg.selection
@@ -164,8 +175,9 @@ class SelectStage(Stage):
                "alpha_sweep": "select/alpha_sweep.json" if sweep else None}
         for method in sel.methods:
             spec = method_spec(cfg, method)
-            if spec["selector"] == "spokes" and method != "spokes":
-                spec["alpha"] = alpha if spec.get("alpha") in (None, "auto") else float(spec["alpha"])
+            if spec["selector"] == "spokes" and (spec.get("alpha") == "auto"
+                                                 or (spec.get("alpha") is None and method != "spokes")):
+                spec["alpha"] = alpha  # the sweep's (or selection.alpha's) value
             result, chosen = select_one(pool, spec, budget, unit, seed)
             result.indices = chosen
             tokens = int(pool.lengths[chosen].sum())

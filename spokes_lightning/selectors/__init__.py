@@ -1,6 +1,7 @@
 """Data selectors, one file each, registered by name (see :mod:`.base`)."""
 from .base import (  # noqa: F401
     SELECTORS,
+    Param,
     SelectionInputs,
     SelectionResult,
     Selector,

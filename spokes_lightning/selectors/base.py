@@ -8,9 +8,10 @@ them up with :func:`get_selector`.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -42,8 +43,61 @@ class SelectionResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Param:
+    """One declared selector parameter: its type, default and allowed values.
+
+    ``kind`` is int, float, str, bool or object (passed through unchecked, e.g. a log callback).
+    ``check``/``rule`` bound a number (``rule`` is shown in the error, e.g. "> 0"); ``choices``
+    lists the allowed strings. ``None`` is allowed only when the default is ``None``.
+    """
+
+    kind: type
+    default: Any = None
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""
+    choices: tuple[str, ...] | None = None
+
+    def parse(self, method: str, key: str, value: Any) -> Any:
+        where = f"method '{method}': parameter {key}"
+        if value is None and self.default is None:
+            return None
+        if self.kind is object:
+            return value
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise UserError(f"{where} must be a string, got {value!r}")
+            if self.choices and value not in self.choices:
+                raise UserError(f"{where} must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where} must be {'an integer' if self.kind is int else 'a number'}, got {value!r}")
+        if self.kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise UserError(f"{where} must be an integer, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"{where} must be a finite number, got {value!r}")
+        if self.check is not None and not self.check(value):
+            raise UserError(f"{where} must be {self.rule}, got {value!r}")
+        return value
+
+
 class Selector(ABC):
-    """Base class: subclasses set ``name``, ``requires`` and implement :meth:`select`."""
+    """Base class: subclasses set ``name``, ``requires``, ``params_spec`` and implement :meth:`select`.
+
+    Parameters are validated when the selector is built: an unknown key is an error listing
+    the known ones, and each value is checked against its :class:`Param` (type, range,
+    choices); ``self.params`` then holds every declared parameter, defaults filled in.
+    """
 
     name: ClassVar[str]
     #: which fields of SelectionInputs must be present, e.g. ("features",) or ("quality",)
@@ -52,9 +106,16 @@ class Selector(ABC):
     feature_field: ClassVar[str] = "features"
     #: one-line description shown by ``spokes select --help``
     summary: ClassVar[str] = ""
+    #: the parameters this method accepts (``--param KEY=VALUE``, recipe method specs)
+    params_spec: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, **params: Any):
-        self.params = params
+        unknown = sorted(set(params) - set(self.params_spec))
+        if unknown:
+            known = ", ".join(sorted(self.params_spec)) or "(none)"
+            raise UserError(f"method '{self.name}': unknown parameter(s) {', '.join(unknown)}; known: {known}")
+        self.params = {key: spec.parse(self.name, key, params.get(key, spec.default))
+                       for key, spec in self.params_spec.items()}
 
     def check_inputs(self, inputs: SelectionInputs) -> None:
         for name in self.requires:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UserError
-from .base import SelectionInputs, SelectionResult, Selector, register, top_k_indices
+from .base import Param, SelectionInputs, SelectionResult, Selector, register, top_k_indices
 
 
 @register
@@ -16,6 +16,7 @@ class QualitySelector(Selector):
     name = "quality"
     requires = ("quality",)
     summary = "top-k by quality score (or --param threshold=T: all scores >= T)"
+    params_spec = {"threshold": Param(float, None)}
 
     def select(self, inputs: SelectionInputs, k: int, seed: int = 0) -> SelectionResult:
         self.check_inputs(inputs)

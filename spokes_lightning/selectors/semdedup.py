@@ -35,7 +35,7 @@ import sys
 import numpy as np
 
 from ..errors import UserError, require_package
-from .base import SelectionInputs, SelectionResult, Selector, register
+from .base import Param, SelectionInputs, SelectionResult, Selector, register
 
 KEEP_RULES = ("hard", "easy", "random")
 DEFAULT_BLOCK_ELEMS = 4_000_000  # floats per similarity block (16 MB in float32)
@@ -162,13 +162,16 @@ def keep_for_budget(m: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, float
     order = np.lexsort((priority, m64))
     t = float(m64[order[k - 1]])
     eps = 1.0 - t
-    if eps >= 1.0:
+    if eps >= 1.0:  # every kept row has no similar earlier member (M <= 0)
         floor = int((m64 <= 0.0).sum())
-        raise UserError(
-            f"semdedup budget {k} is impossible: {floor} documents have no similar earlier "
-            "cluster member and are kept at any eps in (0, 1); use a larger budget or fewer "
-            "clusters"
-        )
+        if k < floor:
+            raise UserError(
+                f"semdedup budget {k} is impossible: {floor} documents have no similar earlier "
+                f"cluster member and are kept at any eps in (0, 1); use a budget of at least {floor} "
+                "or fewer clusters"
+            )
+        # k == floor: exactly those rows; any eps above 1 - (the next smallest M) keeps them
+        eps = 1.0 - (float(m64[order[k]]) / 2 if k < n else 0.5)
     if eps <= 0.0:
         top = int((m64 < 1.0).sum())
         raise UserError(
@@ -177,16 +180,6 @@ def keep_for_budget(m: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, float
         )
     n_tied = int((m64 == t).sum())
     return np.sort(order[:k]).astype(np.int64), eps, n_tied
-
-
-def _param(params: dict, key: str, cast, default):
-    value = params.get(key, default)
-    if value is None:
-        return None
-    try:
-        return cast(value)
-    except (TypeError, ValueError):
-        raise UserError(f"semdedup param {key} must be {cast.__name__}, got {value!r}") from None
 
 
 @register
@@ -198,34 +191,32 @@ class SemDeDupSelector(Selector):
     feature_field = "embeddings"
     summary = ("SemDeDup: spherical k-means, drop within-cluster near-duplicates "
                "(budget or --param eps=E)")
-    known_params = ("n_clusters", "eps", "keep", "niter", "block", "progress")
+    params_spec = {
+        "n_clusters": Param(int, None, lambda v: v >= 1, ">= 1"),  # None: default_n_clusters(N)
+        "eps": Param(float, None, lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+        "keep": Param(str, "hard", choices=tuple(KEEP_RULES)),
+        "niter": Param(int, 20, lambda v: v >= 1, ">= 1"),
+        "block": Param(int, None, lambda v: v >= 1, ">= 1"),
+        "progress": Param(bool, True),
+    }
 
     def select(self, inputs: SelectionInputs, k: int, seed: int = 0) -> SelectionResult:
         self.check_inputs(inputs)
         p = self.params
-        unknown = sorted(set(p) - set(self.known_params))
-        if unknown:
-            raise UserError(f"unknown semdedup param(s): {', '.join(unknown)}; "
-                            f"known: {', '.join(self.known_params)}")
-        eps = _param(p, "eps", float, None)
-        if eps is not None and not 0.0 < eps < 1.0:
-            raise UserError(f"semdedup eps must be in (0, 1), got {eps}")
+        eps = p["eps"]
         n = len(inputs.embeddings)
-        n_clusters = _param(p, "n_clusters", int, default_n_clusters(n))
+        n_clusters = default_n_clusters(n) if p["n_clusters"] is None else p["n_clusters"]
         if not 1 <= n_clusters <= n:
             raise UserError(f"semdedup n_clusters must be in [1, {n}] (the number of documents), "
                             f"got {n_clusters}")
         if eps is None and not 1 <= k <= n:
             raise UserError(f"semdedup budget must be in [1, {n}] documents, got {k}")
-        keep = str(p.get("keep", "hard"))
-        if keep not in KEEP_RULES:
-            raise UserError(f"semdedup keep must be one of {', '.join(KEEP_RULES)}, got {keep!r}")
+        keep = p["keep"]
 
         x = normalize_embeddings(inputs.embeddings)
-        labels, centroids = spherical_kmeans(x, n_clusters, seed, _param(p, "niter", int, 20))
+        labels, centroids = spherical_kmeans(x, n_clusters, seed, p["niter"])
         clusters = order_clusters(x, labels, centroids, keep, seed)
-        m = semdedup_scores(x, clusters, _param(p, "block", int, None),
-                            progress=bool(p.get("progress", True)))
+        m = semdedup_scores(x, clusters, p["block"], progress=p["progress"])
 
         n_tied = None
         if eps is not None:
