@@ -34,13 +34,7 @@ def describe_load_error(exc: Exception) -> str:
 
 def load_matrix(path: str, what: str = "features") -> np.ndarray:
     """N x d float matrix from .npy, memory-mapped (never read whole into RAM)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} file not found: {path}")
-    try:
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:  # corrupt or not an .npy
-        raise UserError(f"cannot read {what} file {path}: {describe_load_error(exc)}") from None
+    arr = open_array(path, what, mmap_mode="r")
     if arr.ndim != 2:
         raise UserError(f"{what} must be a 2-d N x d matrix, {path} has shape {arr.shape}")
     if arr.dtype.kind != "f":
@@ -59,14 +53,19 @@ def check_finite(arr: np.ndarray, what: str, chunk_rows: int = 65536) -> None:
             raise UserError(f"{what} contain NaN or Inf (first bad row: {start + int(np.flatnonzero(~ok)[0])})")
 
 
-def load_vector(path: str, n: int, what: str = "quality") -> np.ndarray:
+def open_array(path: str, what: str, mmap_mode: str | None = None) -> np.ndarray:
+    """np.load of a user's file: a missing, pickled, truncated or non-.npy file is one line."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} file not found: {path}")
     try:
-        arr = np.load(p, allow_pickle=False)
+        return np.load(p, mmap_mode=mmap_mode, allow_pickle=False)
     except Exception as exc:
         raise UserError(f"cannot read {what} file {path}: {describe_load_error(exc)}") from None
+
+
+def load_vector(path: str, n: int, what: str = "quality") -> np.ndarray:
+    arr = open_array(path, what)
     arr = np.asarray(arr, dtype=np.float64).reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr
     if arr.ndim != 1 or arr.shape[0] != n:
         raise UserError(f"{what} has shape {tuple(arr.shape)} but features have N = {n} rows")
@@ -131,13 +130,7 @@ def cmd_select(args) -> dict:
 
 def load_indices(path: str, n: int) -> np.ndarray:
     """Row indices from .npy: integers, in [0, n), unique, non-empty; one line for anything else."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"indices file not found: {path}")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except Exception as exc:
-        raise UserError(f"cannot read indices file {path}: {describe_load_error(exc)}") from None
+    arr = open_array(path, "indices")
     if arr.dtype.kind not in "iu":
         raise UserError(f"indices in {path} must be integers, got {arr.dtype}")
     arr = arr.astype(np.int64).reshape(-1)
