@@ -143,7 +143,8 @@ def greedy_rounding(
 
     Round r adds ceil(remaining / rounds left) rows: the best-gain rows (:func:`set_gain_scores`)
     among the unselected rows of tile group r mod ``groups`` (all unselected rows once a group
-    runs short). The Gram of the set is a float64 fixed-point sum over the picked rows: each
+    runs short), plus, when alpha > 0, the 2b best unselected rows by quality, so that the
+    static quality part of the gain is never missed (alpha = 1 gives the quality top-k). The Gram of the set is a float64 fixed-point sum over the picked rows: each
     round's picks are gathered in global index order and every rank adds the same block, so
     the Gram (and the float64 null space of a small set) is the same bits at any world size;
     candidates are scored in blocks of the global chunk grid for the same reason.
@@ -188,6 +189,10 @@ def greedy_rounding(
         candidates = eligible & ~selected & (group_of == r % groups)
         if D.all_reduce_scalar(float(candidates.sum())) < b:
             candidates = eligible & ~selected
+        elif quality is not None and alpha > 0:  # the quality part of the gain is static: always
+            best_q = global_top_k(np.where(eligible & ~selected, quality, -np.inf), 2 * b, index)  # offer the
+            candidates[best_q[(best_q >= rows.row_offset) & (best_q < rows.row_offset + n_local)]
+                       - rows.row_offset] = True  # 2b best unselected rows by quality as well
         sigma, eigvecs = np.linalg.eigh(total.value())
         sigma = np.clip(sigma, 0.0, None)
         log_lambda = np.log(np.maximum(sigma / sigma.sum(), EIGEN_FLOOR))

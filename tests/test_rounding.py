@@ -138,6 +138,13 @@ def test_alpha_sweep_is_monotone_in_mean_quality_after_rounding(rule):
     assert means[-1] > means[0]
 
 
+def test_alpha_one_greedy_is_the_quality_top_k():
+    x, _ = clustered(1400, 24, 10, 0.7, "zipf", 1001)
+    q = np.random.default_rng(2).random(len(x))
+    res = run_spokes(x, q, alpha=1.0, k=140, **QUIET)
+    assert set(res.indices.tolist()) == set(np.argsort(-q, kind="stable")[:140].tolist())
+
+
 def test_selector_and_cli_take_the_rounding_parameter(tmp_path):
     x, _ = clustered(600, 16, 8, 0.5, "zipf", 111)
     sel = get_selector("spokes", rounding="systematic")
