@@ -52,6 +52,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_round_trip(obj):
+    """``obj`` as :func:`write_json_atomic` stores it and ``json.loads`` reads it back (keys sorted)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+
+
 def _json_default(obj):
     if isinstance(obj, np.generic):
         return obj.item()

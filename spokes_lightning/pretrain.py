@@ -201,20 +201,49 @@ def read_curve(path: str | os.PathLike) -> list[dict]:
 # ----------------------------------------------------------------------------- caching
 
 
-def _file_digest(path: str, digest) -> None:
+def _file_digest(path: str, *digests) -> None:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+            for digest in digests:
+                digest.update(chunk)
+
+
+def run_hashes(settings: dict, prefix: str, val_documents) -> tuple[str, str]:
+    """(config hash: every setting + the training data + validation texts, data hash: the data alone).
+
+    One pass over the ``.idx`` / ``.bin`` bytes gives both.
+    """
+    config = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    data = hashlib.sha256()
+    for suffix in (".idx", ".bin"):
+        _file_digest(prefix + suffix, config, data)
+    for text in val_documents or []:
+        config.update(hashlib.sha256(text.encode("utf-8")).digest())
+    return config.hexdigest()[:16], data.hexdigest()[:16]
 
 
 def config_hash(settings: dict, prefix: str, val_documents) -> str:
     """Hash of every setting plus the bytes of the training data and validation texts."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for suffix in (".idx", ".bin"):
-        _file_digest(prefix + suffix, digest)
-    for text in val_documents or []:
-        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
-    return digest.hexdigest()[:16]
+    return run_hashes(settings, prefix, val_documents)[0]
+
+
+def sample_index_dir(out_dir: Path, data_hash: str) -> Path:
+    """Megatron's sample-index cache for this data: ``gpt_dataset_cache/<data hash>``.
+
+    Megatron names its cached document / sample / shuffle indices after the dataset's path and
+    settings, not its bytes: data re-exported under the same prefix (another selection) would
+    reuse indices of the old data. Keyed by the data's hash, it cannot; caches of other data go.
+    """
+    root = out_dir / "gpt_dataset_cache"
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name == data_hash:
+                continue
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    return root / data_hash
 
 
 def _load_cached(out_dir: Path, wanted_hash: str) -> PretrainResult | None:
@@ -227,7 +256,9 @@ def _load_cached(out_dir: Path, wanted_hash: str) -> PretrainResult | None:
         return None
     if saved.get("config_hash") != wanted_hash:
         return None
-    if not (Path(saved["model_dir"]) / "config.json").exists():
+    # the paths of this out_dir, even when the run_dir was copied or moved since
+    saved.update(out_dir=str(out_dir), model_dir=str(out_dir / "model"), metrics_path=str(out_dir / "metrics.csv"))
+    if not (out_dir / "model" / "config.json").exists():
         return None
     saved["cached"] = True
     saved["curve"] = read_curve(saved["metrics_path"])
@@ -298,7 +329,7 @@ def pretrain_on_megatron_data(
     settings = dict(model=config_dict, seq_length=seq_length, batch_size=batch_size, lr=lr,
                     seed=seed, steps=steps, eod=eod, version=2)
     out_dir = Path(out_dir).resolve()
-    wanted = config_hash(settings, prefix, val_documents)
+    wanted, data_hash = run_hashes(settings, prefix, val_documents)
     cached = _load_cached(out_dir, wanted)
     if cached is not None:
         return cached
@@ -309,7 +340,7 @@ def pretrain_on_megatron_data(
     L.seed_everything(seed, workers=True, verbose=False)
     module = LlamaPretrainModule(config_dict, lr, seed)
     data = MegatronDataModule(prefix, (vocab, eod), seq_length, steps * batch_size, seed,
-                          str(out_dir / "gpt_dataset_cache"), batch_size // devices)
+                          str(sample_index_dir(out_dir, data_hash)), batch_size // devices)
     trainer = L.Trainer(
         accelerator="cpu" if not torch.cuda.is_available() else "auto",
         devices=devices,

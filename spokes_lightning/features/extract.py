@@ -208,18 +208,24 @@ def store_manifest(module, pairs, chunk_size: int, dtype: str, store_dir: Path) 
 def extract_features(module: L.LightningModule, documents: Iterable[Any], store_dir: str | Path, *,
                      chunk_size: int = 1024, batch_size: int = 8, devices: int | str = 1,
                      strategy: str = "auto", num_nodes: int = 1, progress: bool = True,
-                     accelerator: str = "auto", callbacks: list[Callback] | None = None) -> FeatureStore:
+                     accelerator: str = "auto", callbacks: list[Callback] | None = None,
+                     unchecked_keys: tuple[str, ...] = ()) -> FeatureStore:
     """Run ``module`` over ``documents`` into the chunked store at ``store_dir``; return the finished store.
 
-    ``callbacks`` run after the chunk writer (a test uses one to slow a run down and kill it).
+    ``callbacks`` run after the chunk writer (a test uses one to slow a run down and kill it);
+    ``unchecked_keys`` go to :class:`FeatureStoreWriter` (manifest keys the caller vouches for).
     """
     store_dir = Path(store_dir)
     pairs = as_pairs(documents)
     if not pairs:
         raise UserError("no documents to extract features from")
     dtype = str(getattr(module, "feature_dtype", "float16"))
-    writer = FeatureStoreWriter(store_dir, store_manifest(module, pairs, chunk_size, dtype, store_dir))
+    writer = FeatureStoreWriter(store_dir, store_manifest(module, pairs, chunk_size, dtype, store_dir), unchecked_keys)
     writer.write_manifest()
+    dropped = writer.drop_damaged_chunks(module.feature_dim)
+    if dropped:
+        print(f"[spokes] features: {len(dropped)} damaged chunk(s) in {store_dir} will be computed again "
+              f"({', '.join(map(str, dropped[:10]))})", file=sys.stderr, flush=True)
     data = ChunkedCorpusDataModule(pairs, chunk_size, batch_size, writer.done_chunks())
     chunk_writer = ChunkWriter(writer, module.feature_dim, dtype)
     trainer = L.Trainer(

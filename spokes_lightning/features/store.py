@@ -4,16 +4,19 @@ Layout of a store directory::
 
     manifest.json            what was computed (model, layers, k, projection, seed, ...)
     chunk_000000.npy         float rows of the documents of chunk 0 that have features
-    chunk_000000.json        {"chunk": 0, "ids": [...], "skipped": {"id": "reason", ...}}
+    chunk_000000.json        {"chunk": 0, "ids": [...], "skipped": {"id": "reason", ...}, "sha256": "<of the .npy>"}
     features.npy, ids.json   written by :meth:`FeatureStoreWriter.finalize` (all chunks, corpus order)
 
 A chunk is finished when its ``.json`` exists (it is renamed into place after the ``.npy``),
 so a rerun at any world size skips finished chunks and a killed run resumes without
-recomputation. Chunks are a pure function of the corpus order and ``chunk_size``.
+recomputation; a chunk whose ``.npy`` does not match its record (shape, sha256) is recomputed.
+Chunks are a pure function of the corpus order and ``chunk_size``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +35,20 @@ def chunk_name(index: int) -> str:
     return f"chunk_{index:06d}"
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class FeatureStoreWriter:
     """Writes chunks of one feature matrix; safe to use from several ranks (disjoint chunks)."""
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any]):
+    def __init__(self, path: str | Path, manifest: dict[str, Any], unchecked_keys: tuple[str, ...] = ()):
+        """``unchecked_keys``: manifest keys whose change does not make the store different (the
+        caller vouches for them, e.g. a model path that moved together with its run_dir)."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest = dict(manifest)
@@ -43,7 +56,8 @@ class FeatureStoreWriter:
         if existing.exists():
             old = json.loads(existing.read_text())
             keys = set(old) | set(self.manifest)
-            diff = sorted(k for k in keys if old.get(k) != self.manifest.get(k) and k not in FINALIZE_KEYS)
+            ignored = set(FINALIZE_KEYS) | set(unchecked_keys)
+            diff = sorted(k for k in keys if old.get(k) != self.manifest.get(k) and k not in ignored)
             if diff:
                 raise UserError(
                     f"feature store {self.path} was made with different settings ({', '.join(diff)}); "
@@ -59,16 +73,35 @@ class FeatureStoreWriter:
     def done_chunks(self) -> set[int]:
         return {int(p.stem.split("_")[1]) for p in self.path.glob("chunk_*.json")}
 
+    def drop_damaged_chunks(self, dim: int) -> list[int]:
+        """Delete finished chunks whose files do not hold what their record says; they get recomputed."""
+        dropped = [i for i in sorted(self.done_chunks()) if not self._chunk_is_sound(i, dim)]
+        for i in dropped:
+            for suffix in (".json", ".npy"):
+                (self.path / f"{chunk_name(i)}{suffix}").unlink(missing_ok=True)
+        return dropped
+
+    def _chunk_is_sound(self, index: int, dim: int) -> bool:
+        npy = self.path / f"{chunk_name(index)}.npy"
+        try:
+            meta = json.loads((self.path / f"{chunk_name(index)}.json").read_text())
+            rows = np.load(npy, mmap_mode="r")
+            shape_ok = rows.shape == (len(meta["ids"]), dim)
+        except (OSError, ValueError, EOFError, KeyError, TypeError):
+            return False
+        return shape_ok and meta.get("sha256") in (None, _file_sha256(npy))
+
     def write_chunk(
         self, index: int, ids: list[str], rows: np.ndarray, skipped: dict[str, str] | None = None
     ) -> None:
         rows = np.ascontiguousarray(rows)
         if rows.shape[0] != len(ids):
             raise ValueError(f"chunk {index}: {rows.shape[0]} rows for {len(ids)} ids")
-        save_npy_atomic(self.path / f"{chunk_name(index)}.npy", rows)
+        npy = self.path / f"{chunk_name(index)}.npy"
+        save_npy_atomic(npy, rows)
         write_json_atomic(
             self.path / f"{chunk_name(index)}.json",
-            {"chunk": index, "ids": list(ids), "skipped": dict(skipped or {})},
+            {"chunk": index, "ids": list(ids), "skipped": dict(skipped or {}), "sha256": _file_sha256(npy)},
         )
 
     def finalize(self, n_chunks: int, dim: int, dtype: str = "float16") -> "FeatureStore":
@@ -145,7 +178,7 @@ def write_column_slice(store: FeatureStore, path: str | Path, start: int, stop: 
         out.flush()
         del out
     write_json_atomic(path / "ids.json", {"ids": list(store.ids), "skipped": dict(store.skipped)})
-    manifest = {**store.manifest, **manifest_updates, "dim": stop - start, "columns_of": str(store.path),
-                "columns": [start, stop]}
+    manifest = {**store.manifest, **manifest_updates, "dim": stop - start,
+                "columns_of": os.path.relpath(store.path, path), "columns": [start, stop]}
     write_json_atomic(path / MANIFEST, manifest)
     return open_feature_store(path)

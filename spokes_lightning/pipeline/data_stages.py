@@ -10,19 +10,25 @@ import numpy as np
 from ..atomic import atomic_path, save_npy_atomic
 from ..corpus import Document, interleave_by_field, read_documents, stream_hub_dataset
 from ..errors import UserError
+from .preflight import document_limit
 from .stage import RunContext, Stage, log, to_plain
 
 
 def write_documents(path: Path, docs: list[Document]) -> None:
-    with atomic_path(path) as tmp:
-        with gzip.GzipFile(tmp, "wb", mtime=0) as fh:
+    """jsonl.gz of id, text, source and every other field of the record (``meta``: quality columns, ...).
+
+    The gzip header holds no file name and mtime 0, so the same documents give the same bytes.
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh:
             for d in docs:
-                fh.write((json.dumps({"id": d.id, "text": d.text, "source": d.source}) + "\n").encode())
+                record = {"id": d.id, "text": d.text, "source": d.source, "meta": d.meta}
+                fh.write((json.dumps(record, default=str) + "\n").encode())
 
 
 def load_documents(path: Path) -> list[Document]:
     with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return [Document(r["id"], r["text"], r["source"]) for r in map(json.loads, fh)]
+        return [Document(r["id"], r["text"], r["source"], r.get("meta") or {}) for r in map(json.loads, fh)]
 
 
 def pool_documents(ctx: RunContext) -> list[Document]:
@@ -43,7 +49,7 @@ def read_corpus(data) -> list[Document]:
     With ``data.interleave_by`` (a field name, local files only) the documents are first
     round-robined over that field's values, so the first N mix every source.
     """
-    limit = None if data.limit is None else int(data.limit)
+    limit = document_limit(data.get("limit"), "data.limit")
     if data.paths:
         field_name = data.get("interleave_by")
         docs = read_documents(list(data.paths), text_field=data.text_field, id_field=data.id_field,
@@ -68,6 +74,19 @@ class CorpusStage(Stage):
     def settings(self, cfg):
         return {"data": cfg.data, "seed": cfg.seed}
 
+    def outdated(self, cfg, run_dir, outputs):
+        """Pool files written before records kept their fields cannot serve quality.source=column."""
+        if cfg.quality.source != "column":
+            return None
+        with gzip.open(run_dir / outputs["pool"], "rt", encoding="utf-8") as fh:
+            first = fh.readline()
+        if first and "meta" not in json.loads(first):
+            return "pool file was written without the record fields that quality.source=column reads"
+        return None
+
+    def handed_on(self, outputs):
+        return [outputs["pool"], outputs["validation"]]
+
     def run(self, ctx):
         data = ctx.cfg.data
         docs = read_corpus(data)
@@ -84,7 +103,8 @@ class CorpusStage(Stage):
         check_pool_budget(ctx.cfg, len(pool))
         write_documents(ctx.path("corpus", "pool.jsonl.gz"), pool)
         write_documents(ctx.path("corpus", "validation.jsonl.gz"), val)
-        ctx.cache["pool"], ctx.cache["validation"] = pool, val
+        # later stages read the files back, in this process as in a resumed one
+        ctx.cache.pop("pool", None), ctx.cache.pop("validation", None)
         sources = {}
         for d in pool:
             sources[d.source] = sources.get(d.source, 0) + 1
@@ -101,6 +121,9 @@ class TokenizerStage(Stage):
 
     def settings(self, cfg):
         return cfg.tokenizer
+
+    def handed_on(self, outputs):
+        return [outputs["dir"], outputs["lengths"]]
 
     def run(self, ctx):
         from ..features.tokenizer import load_tokenizer, train_tokenizer
@@ -125,10 +148,14 @@ class ProxyStage(Stage):
     """The proxy LM whose gradients SPOKES uses: a given model (proxy.model) or one trained here."""
 
     name = "proxy"
+    volatile = ("done.json",)  # train_seconds
     needs = ("corpus", "tokenizer")
 
     def settings(self, cfg):
         return {"model": cfg.proxy.model, "train": cfg.proxy.train, "seed": cfg.seed}
+
+    def handed_on(self, outputs):
+        return [outputs["model"]] if outputs["trained"] else []
 
     def run(self, ctx):
         cfg = ctx.cfg.proxy

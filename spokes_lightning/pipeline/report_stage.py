@@ -13,8 +13,11 @@ from ..selection_artifact import read_selection
 from ..vendi import batch_vendi_score, vendi_score
 from . import plots
 from .data_stages import pool_documents
-from .select_stage import aligned_pool, overlap
+from .select_stage import aligned_pool, ordered_methods, overlap
 from .stage import RunContext, Stage
+
+#: the report's source-mix column names this many sources, the rest as "other"
+SOURCE_MIX_TOP = 3
 
 TASK_LABELS = {"hellaswag": "HellaSwag", "mmlu": "MMLU", "arc_challenge": "ARC-C", "arc_easy": "ARC-E",
                "piqa": "PIQA", "siqa": "SIQA", "boolq": "BoolQ", "winogrande": "WinoGrande",
@@ -97,6 +100,18 @@ def paper_reference() -> str:
                           for name, vals in ref["rows"].items())
 
 
+def source_mix(counts: dict[str, int], top: int = SOURCE_MIX_TOP) -> str:
+    """``"c4 50%, fineweb 30%, dolma 15%, other (4 sources) 5%"``: the largest ``top`` sources, then the rest."""
+    total = max(1, sum(counts.values()))
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    cells = [f"{name} {100 * n / total:.0f}%" for name, n in ranked[:top]]
+    rest = ranked[top:]
+    if rest:
+        cells.append(f"other ({len(rest)} source{'s' if len(rest) > 1 else ''}) "
+                     f"{100 * sum(n for _, n in rest) / total:.0f}%")
+    return ", ".join(cells)
+
+
 def selection_table(ctx: RunContext, summary: dict) -> str:
     methods = list(summary["methods"])
     ids = {m: np.asarray(read_selection(ctx.run_dir / summary["methods"][m]["selection"]).indices) for m in methods}
@@ -111,7 +126,7 @@ def selection_table(ctx: RunContext, summary: dict) -> str:
         srcs: dict[str, int] = {}
         for i in ids[m]:
             srcs[source_of[pool.ids[i]]] = srcs.get(source_of[pool.ids[i]], 0) + 1
-        mix = ", ".join(f"{k} {100 * v / len(ids[m]):.0f}%" for k, v in sorted(srcs.items(), key=lambda kv: -kv[1]))
+        mix = source_mix(srcs)
         fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {m} | {s['n_selected']} | {s['n_tokens']} | {fmt(s['epochs'], '.2f')} | {s['gvendi']:.1f} | "
                      f"{fmt(s['gvendi_independent'], '.1f')} | {s['batch_gvendi']:.1f} | {s['mean_quality']:.3f} | "
@@ -134,10 +149,21 @@ def representation_markdown(summary) -> str:
 
 class ReportStage(Stage):
     name = "report"
+    volatile = ("summary.json",)  # stage_seconds
     needs = ("corpus", "tokenizer", "features", "select", "export", "pretrain", "evaluate")
 
     def settings(self, cfg):
         return {"report": cfg.report, "wandb": cfg.wandb}
+
+    def handed_on(self, outputs):
+        return [outputs["summary"], outputs["report"], *outputs["figures"].values()]
+
+    def finish(self, ctx, outputs):
+        """summary.json gets every stage's wall time, this stage's own included."""
+        path = ctx.run_dir / outputs["summary"]
+        summary = json.loads(path.read_text())
+        summary["stage_seconds"] = dict(ctx.cache.get("stage_seconds", {}))
+        write_json_atomic(path, summary)
 
     def run(self, ctx):
         cfg = ctx.cfg
@@ -152,7 +178,8 @@ class ReportStage(Stage):
             "batch_gvendi": {"batch_size": int(cfg.report.batch_gvendi.batch_size),
                              "batches": int(cfg.report.batch_gvendi.batches)},
             "stage_seconds": dict(ctx.cache.get("stage_seconds", {})),
-            "methods": {m: method_summary(ctx, m, info, pool, independent) for m, info in select["methods"].items()},
+            "methods": {m: method_summary(ctx, m, select["methods"][m], pool, independent)
+                        for m in ordered_methods(cfg, select["methods"])},
         }
         figures = self.figures(ctx, pool, select, summary)
         write_json_atomic(ctx.run_dir / "summary.json", summary)
@@ -216,8 +243,10 @@ class ReportStage(Stage):
                  selection_table(ctx, summary), representation_markdown(summary),
                  "\n## Decontamination (documents sharing a "
                  f"{cfg.evaluate.decontamination_ngram}-gram with any evaluation item)\n\n| Method | contaminated | of |\n|---|---|---|\n",
-                 "".join(f"| {m} | {c['n_contaminated']} | {c['n_documents']} |\n" for m, c in contamination.items()),
+                 "".join(f"| {m} | {contamination[m]['n_contaminated']} | {contamination[m]['n_documents']} |\n"
+                         for m in ordered_methods(cfg, contamination)),
                  "\n## Departures from OLMES\n\n", "".join(f"- {d}\n" for d in OLMES_DEPARTURES),
                  "\n## Figures\n\n", "".join(f"![{k}]({v})\n\n" for k, v in figures.items()),
-                 "\n## Stage wall times (s)\n\n", "".join(f"- {k}: {v:.1f}\n" for k, v in summary["stage_seconds"].items())]
+                 "\n## Stage wall times\n\nIn `summary.json` (`stage_seconds`), not here: this file is the same, "
+                 "byte for byte, whether a run went through at once or was resumed.\n"]
         return "".join(parts)

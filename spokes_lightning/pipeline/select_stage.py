@@ -141,6 +141,7 @@ def alpha_sweep(pool: AlignedPool, cfg, k: int, seed: int) -> dict:
 
 class SelectStage(Stage):
     name = "select"
+    volatile = ("manifest.json",)  # selection manifests hold a creation time and the selector's timings
     needs = ("corpus", "tokenizer", "features")
 
     def settings(self, cfg):

@@ -3,8 +3,9 @@
 A stage declares the config keys that determine its outputs (:meth:`Stage.settings`) and does
 its work in :meth:`Stage.run`, returning a JSON-able dict of outputs (paths relative to
 run_dir). The runner hashes the settings together with the keys of every upstream stage; a
-stage whose marker ``<run_dir>/stages/<name>.json`` holds the same key is skipped with a log
-line. Stages resume inside themselves too (feature chunks, per-method pretraining).
+stage whose marker ``<run_dir>/stages/<name>.json`` holds the same key, and whose recorded output
+files are intact (:mod:`.output_check`), is skipped with a log line. Stages resume inside
+themselves too (feature chunks, per-method pretraining).
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..atomic import write_json_atomic
+from ..atomic import json_round_trip, write_json_atomic
 from ..errors import UserError
+from .output_check import first_problem, record_outputs, remove_outputs
 
 
 def log(message: str) -> None:
@@ -32,6 +34,10 @@ class RunContext:
     run_dir: Path
     results: dict[str, dict] = field(default_factory=dict)  # stage name -> its outputs
     cache: dict[str, Any] = field(default_factory=dict)  # in-process objects (documents, ...)
+    keys: dict[str, str] = field(default_factory=dict)  # stage name -> its cache key in this run
+    ran: list[str] = field(default_factory=list)  # stages run by this process
+    cached: list[str] = field(default_factory=list)  # stages taken from run_dir
+    unusable: dict[str, str] = field(default_factory=dict)  # stage -> why its cached outputs cannot be used
 
     def path(self, *parts: str) -> Path:
         p = self.run_dir.joinpath(*parts)
@@ -43,6 +49,9 @@ class RunContext:
 
     def output(self, stage: str) -> dict:
         if stage not in self.results:
+            if stage in self.unusable:
+                raise UserError(f"stage '{stage}' in {self.run_dir} cannot be used: {self.unusable[stage]}; "
+                                f"add {stage} to stages=[...] to make it again")
             raise UserError(f"stage '{stage}' has not run in {self.run_dir}: add it to stages=[...]")
         return self.results[stage]
 
@@ -51,6 +60,9 @@ class Stage:
     name: str = ""
     #: stages whose outputs this one reads
     needs: tuple[str, ...] = ()
+    #: names of handed-on files that record timings: checked for damage, but a change in them
+    #: alone does not make dependants run again
+    volatile: tuple[str, ...] = ()
 
     def settings(self, cfg: DictConfig) -> Any:
         """The part of the config that determines this stage's outputs."""
@@ -58,6 +70,17 @@ class Stage:
 
     def run(self, ctx: RunContext) -> dict:
         raise NotImplementedError
+
+    def handed_on(self, outputs: dict) -> list[str]:
+        """Paths (relative to run_dir; a directory means all its files) that later stages read."""
+        return []
+
+    def outdated(self, cfg: DictConfig, run_dir: Path, outputs: dict) -> str | None:
+        """Why cached outputs written by an older version cannot serve ``cfg`` (None: they can)."""
+        return None
+
+    def finish(self, ctx: RunContext, outputs: dict) -> None:
+        """Called after :meth:`run` once its wall time is in ``ctx.cache["stage_seconds"]``."""
 
 
 def _key(settings: Any, upstream: list[str]) -> str:
@@ -69,37 +92,91 @@ def to_plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node
 
 
+def read_marker(path: Path) -> dict | None:
+    """A stage's marker, or None when there is none or it cannot be read (the stage then runs)."""
+    if not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+        if isinstance(marker, dict) and {"key", "seconds", "outputs"} <= set(marker):
+            return marker
+    except (OSError, ValueError):
+        pass
+    log(f"{path.stem}: marker {path} is unreadable; the stage will run again")
+    return None
+
+
+STALE = "was made from an earlier version of"
+
+
+def reuse_problem(stage: Stage, cfg: DictConfig, marker: dict, run_dir: Path, superseded: set[str]) -> str | None:
+    """Why a marker with the right key cannot be used as it is (None: it can)."""
+    stale = [n for n in stage.needs if n in superseded]
+    if stale:
+        return f"{STALE} {', '.join(stale)}"
+    problem = first_problem(run_dir, marker.get("files", {}))
+    if problem is not None:
+        return f"cached output {problem}"
+    return stage.outdated(cfg, run_dir, marker["outputs"])
+
+
+def _content(files: dict | None, stage: Stage) -> dict | None:
+    return None if files is None else {k: v for k, v in files.items() if Path(k).name not in stage.volatile}
+
+
 def run_pipeline(stages: list[Stage], cfg: DictConfig, selected: list[str] | None = None) -> RunContext:
+    """Run (or take from run_dir) every stage; ``selected`` limits what may run.
+
+    A cached stage is used only when its recorded output files are intact; otherwise it runs
+    again (or, outside ``selected``, it is marked unusable). A stage made again under an
+    unchanged key whose outputs came out different makes its dependants run again too.
+    """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
-    keys: dict[str, str] = {}
     seconds: dict[str, float] = {}
+    ctx.cache["stage_seconds"] = seconds
     names = [s.name for s in stages]
     for name in selected or []:
         if name not in names:
             raise UserError(f"unknown stage '{name}'; stages are: {', '.join(names)}")
+    superseded: set[str] = set()  # stages whose outputs differ from what their dependants were made from
     for stage in stages:
-        upstream = [keys.get(n, "") for n in stage.needs]
-        key = _key(to_plain(stage.settings(cfg)), upstream)
-        keys[stage.name] = key
-        marker = run_dir / "stages" / f"{stage.name}.json"
-        old = json.loads(marker.read_text()) if marker.exists() else None
+        key = _key(to_plain(stage.settings(cfg)), [ctx.keys.get(n, "") for n in stage.needs])
+        ctx.keys[stage.name] = key
+        marker_path = run_dir / "stages" / f"{stage.name}.json"
+        old = read_marker(marker_path)
         wanted = selected is None or stage.name in selected
-        if old is not None and old.get("key") == key:
+        same_key = old is not None and old["key"] == key
+        problem = reuse_problem(stage, cfg, old, run_dir, superseded) if same_key else None
+        if same_key and problem is None:
             ctx.results[stage.name] = old["outputs"]
             seconds[stage.name] = old["seconds"]
+            ctx.cached.append(stage.name)
             if wanted:
                 log(f"{stage.name}: cached ({old['seconds']:.1f} s when it ran), skipping")
             continue
         if not wanted:
+            if problem:
+                ctx.unusable[stage.name] = problem
+                log(f"{stage.name}: {problem}; not made again here (it is not in stages=[...])")
+                if problem.startswith(STALE):
+                    superseded.add(stage.name)
             continue
+        if problem:
+            log(f"{stage.name}: {problem}; making it again")
+            remove_outputs(run_dir, old.get("files", {}))
         log(f"{stage.name}: running")
         t = time.perf_counter()
-        outputs = stage.run(ctx)
+        outputs = json_round_trip(stage.run(ctx))  # the same values whether used now or read back later
         seconds[stage.name] = time.perf_counter() - t
         ctx.results[stage.name] = outputs
-        write_json_atomic(marker, {"key": key, "seconds": seconds[stage.name], "outputs": outputs})
+        stage.finish(ctx, outputs)
+        files = record_outputs(run_dir, stage.handed_on(outputs))
+        if same_key and _content(old.get("files"), stage) != _content(files, stage):
+            superseded.add(stage.name)
+        write_json_atomic(marker_path, {"key": key, "seconds": seconds[stage.name], "outputs": outputs,
+                                        "files": files})
+        ctx.ran.append(stage.name)
         log(f"{stage.name}: done in {seconds[stage.name]:.1f} s")
-    ctx.cache["stage_seconds"] = seconds
     return ctx

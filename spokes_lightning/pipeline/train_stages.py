@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..selection_artifact import read_selection
 from .data_stages import pool_documents, validation_documents
+from .select_stage import ordered_methods
 from .stage import RunContext, Stage, log
 
 
@@ -29,13 +30,18 @@ class ExportStage(Stage):
     def settings(self, cfg):
         return cfg.export
 
+    def handed_on(self, outputs):
+        return [path for exp in outputs.values()
+                for path in (exp["megatron_prefix"] + ".bin", exp["megatron_prefix"] + ".idx", exp["script"],
+                             exp["jsonl"], exp["parquet"])]
+
     def run(self, ctx):
         from ..export import export_selection
 
         tok = _tokenizer(ctx)
         out = {}
         e = ctx.cfg.export
-        for method in ctx.output("select")["methods"]:
+        for method in ordered_methods(ctx.cfg, ctx.output("select")["methods"]):
             docs = _selected_documents(ctx, method)
             res = export_selection(docs, [d.id for d in docs], method, ctx.run_dir, tok,
                                    seq_length=int(e.seq_length), global_batch_size=int(e.global_batch_size),
@@ -57,6 +63,9 @@ class PretrainStage(Stage):
     def settings(self, cfg):
         return {"pretrain": cfg.pretrain, "seed": cfg.seed}
 
+    def handed_on(self, outputs):
+        return [path for pre in outputs.values() for path in (pre["model_dir"], pre["metrics"])]
+
     def run(self, ctx):
         from ..pretrain import pretrain_on_megatron_data
 
@@ -67,7 +76,9 @@ class PretrainStage(Stage):
         tok = _tokenizer(ctx)
         val = [d.text for d in validation_documents(ctx)]
         out = {}
-        for method, exp in ctx.output("export").items():
+        exports = ctx.output("export")
+        for method in ordered_methods(ctx.cfg, exports):
+            exp = exports[method]
             res = pretrain_on_megatron_data(
                 ctx.run_dir / exp["megatron_prefix"], tok, ctx.run_dir / "pretrain" / method,
                 token_budget=int(p.token_budget), seq_length=int(p.seq_length), n_layers=int(p.n_layers),
@@ -96,7 +107,8 @@ class EvaluateStage(Stage):
         e = ctx.cfg.evaluate
         out = {"scores": {}, "contamination": {}}
         methods = ctx.output("select")["methods"]
-        selections = {m: read_selection(ctx.run_dir / v["selection"]).ids for m, v in methods.items()}
+        selections = {m: read_selection(ctx.run_dir / methods[m]["selection"]).ids
+                      for m in ordered_methods(ctx.cfg, methods)}
         contamination = contamination_by_selection(selections, [(d.id, d.text) for d in pool_documents(ctx)],
                                                    n=int(e.decontamination_ngram))
         for m, c in contamination.items():
@@ -104,7 +116,9 @@ class EvaluateStage(Stage):
                                        "ids": c["contaminated_ids"][:50]}
         if not e.tasks:
             return out
-        for method, pre in ctx.output("pretrain").items():
+        trained = ctx.output("pretrain")
+        for method in ordered_methods(ctx.cfg, trained):
+            pre = trained[method]
             scores = evaluate_model(ctx.run_dir / pre["model_dir"], tasks=list(e.tasks), split=str(e.split),
                                     limit=None if e.limit is None else int(e.limit), batch_size=int(e.batch_size))
             out["scores"][method] = scores
