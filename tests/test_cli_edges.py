@@ -17,9 +17,12 @@ def spokes(*args):
                           capture_output=True, text=True, timeout=300)
 
 
-def one_line_error(r, *needles):
+def one_line_error(r, *needles, logs_before=False):
+    """Exit 2 and one `error:` line (the pipeline may log `[spokes] ...` progress lines before it)."""
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = r.stderr.strip().splitlines()
+    if logs_before:
+        lines = [line for line in lines if not line.startswith("[spokes] ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     for needle in needles:
@@ -161,3 +164,11 @@ def test_pipeline_method_spec_with_a_typo_fails_before_any_work(tmp_path):
     r = launch(f"run_dir={tmp_path / 'run'}", "selection.methods=[spokes]", "+selection.specs.spokes.step=3")
     one_line_error(r, "unknown parameter(s) step")
     assert not (tmp_path / "run" / "corpus").exists()
+
+
+def test_empty_corpus_says_it_is_empty(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    r = launch(f"run_dir={tmp_path / 'run'}", f"data.paths=[{tmp_path / 'empty.jsonl'}]", "data.limit=null",
+               "data.interleave_by=null", "data.validation_documents=0")
+    line = one_line_error(r, "corpus is empty", logs_before=True)
+    assert "only 0" not in line

@@ -91,9 +91,12 @@ class CorpusStage(Stage):
         data = ctx.cfg.data
         docs = read_corpus(data)
         n_val = int(data.validation_documents)
+        if not docs:
+            raise UserError(f"the corpus is empty: no documents with text in {list(data.paths) or data.get('hub')}")
         candidates = [i for i, d in enumerate(docs) if len(d.text.split()) >= 20]
-        if n_val >= len(candidates):
-            raise UserError(f"data.validation_documents={n_val} but only {len(candidates)} documents qualify")
+        if n_val and n_val >= len(candidates):
+            raise UserError(f"data.validation_documents={n_val} needs more documents of >= 20 words than the "
+                            f"{len(candidates)} of {len(docs)} in the corpus; lower it or add data")
         rng = np.random.default_rng(int(ctx.cfg.seed) + 7919)
         val_idx = set(rng.choice(candidates, size=n_val, replace=False).tolist()) if n_val else set()
         pool = [d for i, d in enumerate(docs) if i not in val_idx]

@@ -201,10 +201,10 @@ class ReportStage(Stage):
             ks, curves, rand = rounding_curves(pool.inputs.features, params, seed)
             plots.gvendi_vs_k(fig_dir / "fig3_gvendi_vs_k.png", ks, curves, rand)
             out["fig3"] = "figures/fig3_gvendi_vs_k.png"
-            k = int(select["methods"]["spokes"]["n_selected"])
+            spokes_rows = read_selection(ctx.run_dir / select["methods"]["spokes"]["selection"]).indices
             summary["rounding_curves"] = {"k": ks, "random": rand, **curves}
-            summary["representations"] = representation_table(pool.inputs.features, pool.inputs.embeddings, k,
-                                                               params, seed)
+            summary["representations"] = representation_table(pool.inputs.features, pool.inputs.embeddings,
+                                                               np.asarray(spokes_rows), params, seed)
             plots.representation_bars(fig_dir / "fig4_representations.png", summary["representations"])
             out["fig4"] = "figures/fig4_representations.png"
         if select.get("alpha_sweep"):
