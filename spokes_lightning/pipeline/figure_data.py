@@ -19,7 +19,7 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def rounding_curves(features, spokes_params: dict, seed: int, fractions=(0.05, 0.1, 0.25, 0.5, 0.75)):
+def rounding_curves(features, spokes_params: dict, seed: int, fractions=(0.05, 0.1, 0.25, 0.5)):
     """(ks, {rule: G-Vendi per k}, random G-Vendi per k) from one relaxed SPOKES solve.
 
     The last k is the whole pool, where every rule and random coincide (computed once).

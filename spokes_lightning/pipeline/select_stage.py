@@ -9,7 +9,7 @@ takes each method's ranking until the tokens run out.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -29,6 +29,7 @@ class AlignedPool:
     inputs: SelectionInputs
     lengths: np.ndarray
     n_unselectable: int
+    memo: dict = field(default_factory=dict)  # selections computed in this process (run_selector)
 
 
 def aligned_pool(ctx: RunContext) -> AlignedPool:
@@ -88,14 +89,29 @@ def method_spec(cfg, method: str) -> dict:
     return spec
 
 
+def run_selector(pool: AlignedPool, name: str, params: dict, k: int, seed: int):
+    """``get_selector(name, **params).select(pool, k, seed)``, computed once per settings in a stage.
+
+    Selectors are deterministic, so the alpha sweep's diversity-only and chosen-alpha runs are
+    the very selections of ``spokes`` and ``spokes_quality``: they are not computed twice.
+    """
+    selector = get_selector(name, **params)
+    settings = {key: v for key, v in selector.params.items() if key != "log"}
+    key = json.dumps([name, settings, int(k), int(seed)], sort_keys=True, default=str)
+    if key not in pool.memo:
+        pool.memo[key] = selector.select(pool.inputs, k, seed)
+    return replace(pool.memo[key])
+
+
 def select_one(pool: AlignedPool, spec: dict, budget, unit: str, seed: int):
     spec = dict(spec)
-    selector = get_selector(spec.pop("selector"), **spec)
+    name = spec.pop("selector")
     n = len(pool.ids)
     if unit == "documents":
         k = budget_to_count(budget, n)
-        result = selector.select(pool.inputs, k, seed)
+        result = run_selector(pool, name, spec, k, seed)
         return result, np.asarray(result.indices, dtype=np.int64)
+    selector = get_selector(name, **spec)
     total = int(pool.lengths.sum())
     target = int(budget * total) if isinstance(budget, float) else int(budget)
     if not 0 < target <= total:
@@ -124,11 +140,11 @@ def alpha_sweep(pool: AlignedPool, cfg, k: int, seed: int) -> dict:
     from ..spokes import selection_scores
 
     params = spokes_params(cfg)
-    q_only = get_selector("quality").select(pool.inputs, k, seed).indices
-    d_only = get_selector("spokes", alpha=0.0, **params).select(pool.inputs, k, seed).indices
+    q_only = run_selector(pool, "quality", {}, k, seed).indices
+    d_only = run_selector(pool, "spokes", {**params, "alpha": 0.0}, k, seed).indices
     rows = []
     for alpha in [0.0, *map(float, cfg.selection.alpha_grid), 1.0]:
-        idx = d_only if alpha == 0.0 else get_selector("spokes", alpha=alpha, **params).select(pool.inputs, k, seed).indices
+        idx = run_selector(pool, "spokes", {**params, "alpha": alpha}, k, seed).indices
         gv, mq = selection_scores(pool.inputs.features, pool.inputs.quality, idx)
         rows.append({"alpha": alpha, "overlap_quality": overlap(idx, q_only), "overlap_diversity": overlap(idx, d_only),
                      "gvendi": gv, "mean_quality": mq})
