@@ -17,6 +17,7 @@ from ..atomic import write_json_atomic
 from ..budget import budget_to_count, parse_budget
 from ..errors import UserError
 from ..features.store import open_feature_store
+from ..rounding import DEFAULT_ROUNDING
 from ..selection_artifact import array_sha256, write_selection
 from ..selectors import SelectionInputs, get_selector, top_k_indices
 from .data_stages import pool_documents
@@ -152,7 +153,7 @@ def alpha_sweep(pool: AlignedPool, cfg, k: int, seed: int) -> dict:
             f"diversity-only {rows[-1]['overlap_diversity']:.1f}%, G-Vendi {gv:.1f}, quality {mq:.3f}")
     inner = [r for r in rows if 0.0 < r["alpha"] < 1.0]
     best = min(inner, key=lambda r: (abs(r["overlap_quality"] - r["overlap_diversity"]), r["alpha"]))
-    return {"k": k, "rows": rows, "auto_alpha": best["alpha"], "rounding": params.get("rounding", "greedy")}
+    return {"k": k, "rows": rows, "auto_alpha": best["alpha"], "rounding": params.get("rounding", DEFAULT_ROUNDING)}
 
 
 class SelectStage(Stage):
