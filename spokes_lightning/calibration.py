@@ -33,6 +33,7 @@ import numpy as np
 
 from .calibration_outputs import plot_k, plot_layers, plot_projection, write_outputs
 from .errors import UserError, user_errors_exit
+from .progress import progress
 
 DEFAULT_K_VALUES = (256, 512, 1024, 2048, 4096)
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5)
@@ -117,8 +118,8 @@ class ProxyContext:
     def __init__(self, model: str, tokenizer: str | None, documents: str, n_docs: int,
                  text_field: str, max_length: int):
         from .corpus import read_documents
-        from .features.proxy import load_causal_lm
-        from .features.tokenizer import load_tokenizer
+        from .models.llama import load_causal_lm
+        from .models.tokenizer import load_tokenizer
 
         if n_docs < 3:
             raise UserError(f"--n-docs must be at least 3, got {n_docs}")
@@ -126,7 +127,7 @@ class ProxyContext:
             raise UserError(f"--max-length must be at least 2, got {max_length}")
         self.model_ref = model
         self.model = load_causal_lm(model, dtype="float32")
-        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.tokenizer = load_tokenizer(tokenizer or model, setting="--tokenizer")
         docs = [d for d in read_documents([documents], text_field) if d.text.strip()][:n_docs]
         if len(docs) < 3:
             raise UserError(f"{documents}: fewer than 3 non-empty documents")
@@ -148,12 +149,10 @@ class ProxyContext:
 
     def sketch(self, batch_size: int = 8, **kwargs) -> tuple[list[str], np.ndarray]:
         """Gradient sketch rows of the documents (rows of skipped documents are dropped)."""
-        from tqdm.auto import tqdm
-
         module = self.module(**kwargs)
         ids, rows = [], []
         desc = f"gradients ({kwargs.get('projection')}, k={kwargs.get('k')})"
-        for start in tqdm(range(0, len(self.ids), batch_size), desc=desc, file=sys.stderr):
+        for start in progress(range(0, len(self.ids), batch_size), desc):
             out = module.rows_for(self.ids[start : start + batch_size], self.texts[start : start + batch_size])
             if out["ids"]:
                 ids.extend(out["ids"])
@@ -169,7 +168,6 @@ def exact_block_grams(ctx: ProxyContext) -> tuple[list[str], dict[str, np.ndarra
     once, so memory is ``n_docs x largest_block_params`` floats.
     """
     import torch
-    from tqdm.auto import tqdm
 
     module = ctx.module(n_layers=ctx.n_model_layers, projection="dense", k=1)
     owner = {}
@@ -181,7 +179,7 @@ def exact_block_grams(ctx: ProxyContext) -> tuple[list[str], dict[str, np.ndarra
     groups = [owner.get(id(p), "head") for p in params]
     kept, token_lists, _ = module.tokenize(ctx.ids, ctx.texts)
     per_group: dict[str, list[np.ndarray]] = {g: [] for g in dict.fromkeys(groups)}
-    for toks in tqdm(token_lists, desc="exact gradients", file=sys.stderr):
+    for toks in progress(token_lists, "exact gradients"):
         with torch.enable_grad():
             loss = module.document_losses(*module.pad([toks])).sum()
             grads = torch.autograd.grad(loss, params)

@@ -15,20 +15,17 @@ import glob
 import gzip
 import json
 import os
-import socket
 import sys
 import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
-from urllib.parse import urlparse
 
 from .errors import UserError, require_package
+from .features.hub import hub_offline_reason
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
-EVAL_TASKS = ("hellaswag", "mmlu", "arc_challenge", "arc_easy", "piqa", "siqa", "boolq",
-              "winogrande", "openbookqa", "commonsense_qa")
 SUPPORTED_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
 _PARQUET_BATCH = 1024
 
@@ -252,23 +249,6 @@ def interleave_by_field(docs: Iterable[Document], field_name: str) -> list[Docum
 
 
 # --------------------------------------------------------------------------- hub streaming
-def _hub_offline_reason(timeout: float) -> str | None:
-    """Why the hub cannot be reached (offline env flag or no TCP connection), else None."""
-    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(flag, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{flag} is set"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # behind a proxy a direct TCP probe proves nothing; let datasets try
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as exc:
-        return f"cannot reach {host}:{port} ({exc.__class__.__name__})"
-    return None
-
-
 def stream_hub_dataset(name: str, config: str | None = None, split: str = "train",
                        text_field: str = "text", limit: int | None = None,
                        id_field: str = "id", timeout: float = 5.0) -> Iterator[Document]:
@@ -279,7 +259,7 @@ def stream_hub_dataset(name: str, config: str | None = None, split: str = "train
     """
     hint = (f"cannot stream hub dataset {name!r}: {{reason}}; download it and point "
             "data.paths=[...] at local .jsonl/.parquet copies")
-    reason = _hub_offline_reason(timeout)
+    reason = hub_offline_reason(timeout, flags=("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     if reason:
         raise UserError(hint.format(reason=reason))
     datasets = require_package("datasets")
@@ -349,8 +329,10 @@ def load_eval_items(task: str, split: str = "test",
 
     Rows keep their original MosaicML/llm-foundry fields plus ``id`` and ``split``.
     """
-    if task not in EVAL_TASKS:
-        raise UserError(f"unknown eval task {task!r}; choose from {', '.join(EVAL_TASKS)}")
+    from .evaluation.tasks import ALL_TASKS
+
+    if task not in ALL_TASKS:
+        raise UserError(f"unknown eval task {task!r}; choose from {', '.join(ALL_TASKS)}")
     splits = ("test", "val", "dev") if task == "mmlu" else ("test", "val")
     if split not in splits:
         raise UserError(f"eval task {task!r} has no split {split!r}; choose from "

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import heapq
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -197,11 +196,10 @@ def _selected_ids(selection, corpus_ids: list[str]) -> set[str]:
 
 
 def _tokenize(tokenizer, texts: list[str], eos_id: int, chunk: int = 256) -> list[np.ndarray]:
-    from tqdm import tqdm
+    from .progress import progress
 
     out = []
-    for start in tqdm(range(0, len(texts), chunk), desc="tokenize selection", file=sys.stderr,
-                      disable=len(texts) <= chunk, mininterval=1.0):
+    for start in progress(range(0, len(texts), chunk), "tokenize selection", disable=len(texts) <= chunk):
         encoded = tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"]
         out.extend(np.array(list(ids) + [eos_id], dtype=np.int64) for ids in encoded)
     return out

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_json_atomic, write_text_atomic
 from .errors import UserError, require_package
 from .megatron_launch import LLAMA_3_2_1B, LlamaShape, megatron_llama_args, render_launch_script
+from .progress import progress
 
 TOKENIZE_BATCH = 256
 
@@ -141,7 +141,7 @@ def token_dtype_for(vocab_size: int):
 
 
 def _tokenize(tokenizer, texts: list[str], method: str) -> Iterable[list[int]]:
-    bar = tqdm(total=len(texts), desc=f"tokenize {method}", unit="doc", leave=False)
+    bar = progress(desc=f"tokenize {method}", total=len(texts), unit="doc")
     for start in range(0, len(texts), TOKENIZE_BATCH):
         batch = texts[start : start + TOKENIZE_BATCH]
         encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]

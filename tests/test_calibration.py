@@ -12,8 +12,8 @@ import torch
 
 from spokes_lightning.calibration import main, overlap, rowwise_spearman
 from spokes_lightning.corpus import demo_web_paths, read_documents
-from spokes_lightning.features.proxy import train_proxy
-from spokes_lightning.features.tokenizer import train_tokenizer
+from spokes_lightning.models.proxy_training import train_proxy
+from spokes_lightning.models.tokenizer import train_tokenizer
 
 DOCS = str(demo_web_paths()[0])
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from spokes_lightning.synthetic import planted_clusters
+from planted import planted_clusters
 
 
 def spokes(*args, cwd=None):

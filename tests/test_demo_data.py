@@ -10,7 +10,8 @@ from collections import Counter
 
 import pytest
 
-from spokes_lightning.corpus import DEMO_DIR, EVAL_TASKS, load_eval_items, load_quality_labels
+from spokes_lightning.corpus import DEMO_DIR, load_eval_items, load_quality_labels
+from spokes_lightning.evaluation.tasks import ALL_TASKS
 
 SHARED_DATA = DEMO_DIR.parents[2] / "shared" / "data"
 WEB_COUNTS = {"c4": 1000, "dolma_cc": 697, "dolma_cc_head": 20, "dolma_provided": 10,
@@ -58,7 +59,7 @@ def test_quality_labels_are_out_of_the_pool(web):
     assert not any(x.text in web_texts for x in labels)
 
 
-@pytest.mark.parametrize("task", EVAL_TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_eval_splits_disjoint_with_stated_sizes(task):
     test, val = load_eval_items(task, "test"), load_eval_items(task, "val")
     assert len(test) == 300 and len(val) == 100

@@ -9,7 +9,8 @@ import torch
 
 from spokes_lightning.errors import UserError
 from spokes_lightning.export import export_selection
-from spokes_lightning.pretrain import pretrain_methods, pretrain_on_megatron_data, read_curve
+from spokes_lightning.models.pretrain import pretrain_methods, pretrain_on_megatron_data
+from spokes_lightning.models.pretrain_record import read_curve
 from tiny_text import tiny_corpus, tiny_tokenizer
 
 TINY = dict(seq_length=32, n_layers=2, hidden=64, heads=4, batch_size=4, lr=3e-3, seed=0,

@@ -9,10 +9,9 @@ import torch
 
 from spokes_lightning.corpus import demo_web_paths, read_documents
 from spokes_lightning.errors import UserError
-from spokes_lightning.features.proxy import (
-    load_causal_lm, pack_documents, train_proxy, warmup_cosine,
-)
-from spokes_lightning.features.tokenizer import (
+from spokes_lightning.models.llama import load_causal_lm, warmup_cosine
+from spokes_lightning.models.proxy_training import pack_documents, train_proxy
+from spokes_lightning.models.tokenizer import (
     EOS_TOKEN, load_tokenizer, train_tokenizer,
 )
 
@@ -113,8 +112,8 @@ DDP_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 from spokes_lightning.corpus import demo_web_paths, read_documents
-from spokes_lightning.features.proxy import train_proxy
-from spokes_lightning.features.tokenizer import train_tokenizer
+from spokes_lightning.models.proxy_training import train_proxy
+from spokes_lightning.models.tokenizer import train_tokenizer
 docs = read_documents(demo_web_paths(), "text")[:60]
 tok = train_tokenizer([d.text for d in docs], 400, sys.argv[1] + "/tok")
 train_proxy(docs, tok, sys.argv[1] + "/proxy", n_layers=2, hidden=32, heads=2, intermediate=64,

@@ -113,9 +113,10 @@ def test_changed_budget_trains_on_the_new_selection(rebudgeted, tmp_path):
     """After the budget changed, each method trains exactly as a fresh run on its new Megatron data."""
     from omegaconf import OmegaConf
 
-    from spokes_lightning.features.tokenizer import load_tokenizer
+    from spokes_lightning.models.tokenizer import load_tokenizer
     from spokes_lightning.pipeline.data_stages import load_documents
-    from spokes_lightning.pretrain import pretrain_on_megatron_data, read_curve
+    from spokes_lightning.models.pretrain import pretrain_on_megatron_data
+    from spokes_lightning.models.pretrain_record import read_curve
 
     run_dir, _, _, _, full = rebudgeted
     assert full.returncode == 0, full.stderr[-3000:]
@@ -137,7 +138,7 @@ def test_changed_budget_trains_on_the_new_selection(rebudgeted, tmp_path):
 def test_megatron_sample_index_follows_the_data(tmp_path):
     """Re-exporting other documents under the same prefix trains exactly as a fresh run on them."""
     from spokes_lightning.export import export_selection
-    from spokes_lightning.pretrain import pretrain_on_megatron_data
+    from spokes_lightning.models.pretrain import pretrain_on_megatron_data
     from tiny_text import tiny_corpus, tiny_tokenizer
 
     torch.set_num_threads(1)

@@ -8,8 +8,9 @@ import torch
 
 from spokes_lightning import UserError, run_spokes, vendi_score
 from spokes_lightning.spokes import log_vendi_gradient, objective_gradient
-from spokes_lightning.synthetic import planted_clusters
 from spokes_lightning.vendi import spectrum_entropy
+
+from planted import planted_clusters
 
 QUIET = {"log": lambda msg: None}
 

@@ -105,12 +105,12 @@ def _id_text_pairs(documents):
 def contaminated_documents(documents, eval_texts=None, n: int = DEFAULT_N,
                            index: EvalNgramIndex | None = None) -> ContaminationResult:
     """Which ``documents`` share an ``n``-gram with ``eval_texts`` (default: all local eval items)."""
-    from tqdm import tqdm
+    from ..progress import progress
 
     if index is None:
         index = EvalNgramIndex(eval_item_texts() if eval_texts is None else eval_texts, n)
     pairs = _id_text_pairs(documents)
-    flagged = [doc_id for doc_id, text in tqdm(pairs, desc="decontamination", leave=False)
+    flagged = [doc_id for doc_id, text in progress(pairs, "decontamination")
                if index.overlaps(text)]
     return ContaminationResult(n_documents=len(pairs), contaminated_ids=flagged)
 

@@ -13,33 +13,23 @@ import subprocess
 from pathlib import Path
 
 from spokes_lightning.errors import UserError
-
-#: our task name -> OLMES cloze ("rc") task id; MMLU expands to its 57 subject tasks.
-OLMES_TASK_IDS = {
-    "arc_challenge": "arc_challenge:rc::olmes",
-    "arc_easy": "arc_easy:rc::olmes",
-    "boolq": "boolq:rc::olmes",
-    "commonsense_qa": "csqa:rc::olmes",
-    "hellaswag": "hellaswag:rc::olmes",
-    "openbookqa": "openbookqa:rc::olmes",
-    "piqa": "piqa:rc::olmes",
-    "siqa": "socialiqa:rc::olmes",
-    "winogrande": "winogrande:rc::olmes",
-}
+from spokes_lightning.evaluation.tasks import TASK_SPECS, read_task_rows
 
 OLMES_MISSING = ("the 'olmes' CLI is not installed (it is not on PyPI): "
                  "pip install git+https://github.com/allenai/olmes.git, or use engine='lm_eval'")
 
 
 def olmes_task_ids(tasks, mmlu_subjects=()) -> list[str]:
+    """OLMES CLI task ids of our tasks (``TaskSpec.olmes_id``); MMLU expands to its subject tasks."""
     ids: list[str] = []
     for task in tasks:
-        if task == "mmlu":
+        olmes_id = TASK_SPECS[task].olmes_id
+        if "{subject}" in olmes_id:
             if not mmlu_subjects:
                 raise UserError("olmes engine: MMLU needs its subject list (read from the local mmlu file)")
-            ids += [f"mmlu_{subject}:rc::olmes" for subject in sorted(set(mmlu_subjects))]
+            ids += [olmes_id.format(subject=subject) for subject in sorted(set(mmlu_subjects))]
         else:
-            ids.append(OLMES_TASK_IDS[task])
+            ids.append(olmes_id)
     return ids
 
 
@@ -77,8 +67,6 @@ def run_olmes_cli(model_dir: Path, tasks, output_dir=None, limit=None, batch_siz
         raise UserError("olmes engine needs output_dir (where the CLI writes its metrics)")
     subjects = ()
     if "mmlu" in tasks:
-        from spokes_lightning.evaluation.tasks import read_task_rows
-
         subjects = [row["subject"] for row in read_task_rows("mmlu") if row.get("split") == "test"]
     output_dir = Path(output_dir)
     command = olmes_command(executable, model_dir, olmes_task_ids(tasks, subjects), output_dir,

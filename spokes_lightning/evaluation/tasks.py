@@ -37,10 +37,6 @@ from spokes_lightning.evaluation.cloze import (
     to_cloze,
 )
 
-ALL_TASKS = (
-    "hellaswag", "mmlu", "arc_challenge", "arc_easy", "piqa",
-    "siqa", "boolq", "winogrande", "openbookqa", "commonsense_qa",
-)
 SPLITS = ("test", "val")
 PMI_UNCONDITIONED_CONTEXT = "Answer:"
 TASK_PREFIX = "olmes_local_"
@@ -51,10 +47,12 @@ NORMALIZATION_METRIC = {"none": "acc", "char": "acc_norm", "pmi": "acc_mutual_in
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """OLMES settings for one task (OLMES Table 3)."""
+    """One task: OLMES settings (OLMES Table 3), report label and OLMES CLI task id."""
 
     name: str
     normalization: str  # "none" | "char" | "pmi"
+    label: str  # column name in the report (paper Table 2)
+    olmes_id: str  # cloze ("rc") task of the OLMES CLI; "{subject}" expands per MMLU subject
     num_fewshot: int = 0
 
     @property
@@ -62,18 +60,21 @@ class TaskSpec:
         return NORMALIZATION_METRIC[self.normalization]
 
 
-TASK_SPECS: dict[str, TaskSpec] = {
-    "arc_challenge": TaskSpec("arc_challenge", "pmi"),
-    "arc_easy": TaskSpec("arc_easy", "char"),
-    "boolq": TaskSpec("boolq", "none"),
-    "commonsense_qa": TaskSpec("commonsense_qa", "pmi"),
-    "hellaswag": TaskSpec("hellaswag", "char"),
-    "mmlu": TaskSpec("mmlu", "char", num_fewshot=5),
-    "openbookqa": TaskSpec("openbookqa", "pmi"),
-    "piqa": TaskSpec("piqa", "char"),
-    "siqa": TaskSpec("siqa", "char"),
-    "winogrande": TaskSpec("winogrande", "none"),
-}
+#: THE task list, in paper Table 2 order.
+TASK_SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec("hellaswag", "char", "HellaSwag", "hellaswag:rc::olmes"),
+    TaskSpec("mmlu", "char", "MMLU", "mmlu_{subject}:rc::olmes", num_fewshot=5),
+    TaskSpec("arc_challenge", "pmi", "ARC-C", "arc_challenge:rc::olmes"),
+    TaskSpec("arc_easy", "char", "ARC-E", "arc_easy:rc::olmes"),
+    TaskSpec("piqa", "char", "PIQA", "piqa:rc::olmes"),
+    TaskSpec("siqa", "char", "SIQA", "socialiqa:rc::olmes"),
+    TaskSpec("boolq", "none", "BoolQ", "boolq:rc::olmes"),
+    TaskSpec("winogrande", "none", "WinoGrande", "winogrande:rc::olmes"),
+    TaskSpec("openbookqa", "pmi", "OBQA", "openbookqa:rc::olmes"),
+    TaskSpec("commonsense_qa", "pmi", "CSQA", "csqa:rc::olmes"),
+)}
+ALL_TASKS = tuple(TASK_SPECS)
+TASK_LABELS = {name: spec.label for name, spec in TASK_SPECS.items()}
 
 
 def default_eval_dir() -> Path:

@@ -42,15 +42,17 @@ def validation_loss(model_dir: str | Path, texts, max_length: int = 512, batch_s
                     device: str = "cpu") -> float:
     """Token-weighted mean cross-entropy (nats per predicted token) of ``texts``."""
     import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from ..models.tokenizer import load_tokenizer
+    from ..progress import progress
 
     if max_length < 2:
         raise UserError(f"max_length must be at least 2, got {max_length}")
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"model directory {model_dir} has no config.json")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows = [w for text in texts for w in _windows(tokenizer(text)["input_ids"], max_length)]
@@ -59,7 +61,7 @@ def validation_loss(model_dir: str | Path, texts, max_length: int = 512, batch_s
     windows.sort(key=len)  # similar lengths per batch -> less padding
     total, count = 0.0, 0
     with torch.inference_mode():
-        for start in tqdm(range(0, len(windows), batch_size), desc="validation loss", leave=False):
+        for start in progress(range(0, len(windows), batch_size), "validation loss"):
             loss, n = summed_window_loss(model, windows[start:start + batch_size], pad_id, device)
             total, count = total + loss, count + n
     return total / count

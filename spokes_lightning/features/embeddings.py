@@ -10,7 +10,6 @@ sentence-transformers directory, or hub id when the hub is reachable, works the 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError, require_package
+from ..progress import progress as show_progress
 from .hub import load_pretrained
 
 DEFAULT_EMBEDDING_MODEL = "default"
@@ -109,11 +109,9 @@ class EmbeddingModule(pl.LightningModule):
 def embed_texts(texts: Sequence[str], module: EmbeddingModule | None = None, batch_size: int = 32,
                 progress: bool = True) -> np.ndarray:
     """Embed a small in-memory list (e.g. the 499 quality-label documents) without a store."""
-    from tqdm.auto import tqdm
-
     module = module or EmbeddingModule()
     out = []
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="embedding", unit="batch", file=sys.stderr, disable=not progress):
+    for start in show_progress(starts, "embedding", disable=not progress, unit="batch"):
         out.append(module.embed(list(texts[start : start + batch_size])).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, module.feature_dim), np.float32)

@@ -43,6 +43,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
+from ..progress import progress
 from .store import FINALIZE_KEYS, MANIFEST, FeatureStore, FeatureStoreWriter
 
 QUIET_WARNINGS = (".*infer the batch indices.*", ".*Total length of `DataLoader` across ranks is zero.*")
@@ -180,9 +181,7 @@ class DocumentProgress(Callback):
 
     def on_predict_start(self, trainer, pl_module):
         if trainer.is_global_zero:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, desc=self.desc, unit="doc", file=sys.stderr)
+            self.bar = progress(desc=self.desc, total=self.total, unit="doc")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if self.bar is not None:

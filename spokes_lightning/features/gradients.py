@@ -47,21 +47,12 @@ from torch import nn
 from ..errors import UserError
 from .fused_head import IGNORE, HeadCrossEntropy, decoder_and_head, next_token_targets
 from .projection import DEFAULT_BLOCK_COLS, DenseRademacherProjector, KroneckerLayerSketch, kronecker_side
-from .proxy import load_causal_lm
+from ..models.llama import load_causal_lm
+from ..models.tokenizer import load_tokenizer
 
 PROJECTIONS = ("kronecker", "dense")
 HEAD_CHUNK_BYTES = 1 << 28  # the fused head computes at most this many bytes of logits at once
 DTYPES = ("float16", "float32")
-
-
-def load_tokenizer(ref: str | Path):
-    from transformers import AutoTokenizer
-
-    from .hub import load_pretrained
-
-    return load_pretrained(
-        ref, AutoTokenizer.from_pretrained, what="tokenizer", setting="tokenizer", example="Qwen3-0.6B-Base"
-    )
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -157,7 +148,7 @@ class ProxyGradientModule(L.LightningModule):
     def _tokenizer_for(ref: str | None):
         if ref is None:
             raise UserError("pass a tokenizer together with an in-memory model")
-        return load_tokenizer(ref)
+        return load_tokenizer(ref, setting="proxy.model")
 
     @property
     def first_selected_block(self) -> nn.Module:

@@ -30,19 +30,29 @@ def looks_like_path(ref: str) -> bool:
     )
 
 
-def hub_is_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A quick TCP probe of the hub endpoint; False when offline mode is forced."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
-        return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    parsed = urlparse(endpoint)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (443 if parsed.scheme != "http" else 80)
+def hub_offline_reason(timeout_s: float = HUB_PROBE_TIMEOUT_S, flags: tuple[str, ...] = ("HF_HUB_OFFLINE",)) -> str | None:
+    """Why the hub cannot be reached (an offline flag in ``flags`` is set, or no TCP connection), else None.
+
+    Behind an HTTPS proxy a direct TCP probe proves nothing, so the hub then counts as reachable.
+    """
+    for flag in flags:
+        if os.environ.get(flag, "").strip().lower() in {"1", "true", "yes", "on"}:
+            return f"{flag} is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"cannot reach {host}:{port} ({exc.__class__.__name__})"
+    return None
+
+
+def hub_is_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """True unless :func:`hub_offline_reason` has a reason."""
+    return hub_offline_reason(timeout_s) is None
 
 
 def offline_message(ref: str, what: str, setting: str, example: str) -> str:

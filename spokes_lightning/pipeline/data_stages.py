@@ -116,6 +116,13 @@ class CorpusStage(Stage):
                 "n_read": len(docs), "n_pool": len(pool), "n_validation": len(val), "sources": sources}
 
 
+def export_tokenizer(ctx: RunContext):
+    """The tokenizer stage's tokenizer (export, pretraining), loaded from the run directory."""
+    from ..models.tokenizer import load_tokenizer
+
+    return load_tokenizer(ctx.run_dir / ctx.output("tokenizer")["dir"])
+
+
 class TokenizerStage(Stage):
     """The export/target tokenizer: a given one (tokenizer.path) or a byte-level BPE trained here."""
 
@@ -129,7 +136,7 @@ class TokenizerStage(Stage):
         return [outputs["dir"], outputs["lengths"]]
 
     def run(self, ctx):
-        from ..features.tokenizer import load_tokenizer, train_tokenizer
+        from ..models.tokenizer import load_tokenizer, train_tokenizer
 
         cfg = ctx.cfg.tokenizer
         out = ctx.path("tokenizer", "x").parent
@@ -163,11 +170,11 @@ class ProxyStage(Stage):
     def run(self, ctx):
         cfg = ctx.cfg.proxy
         if cfg.model:
-            from ..features.proxy import load_causal_lm
+            from ..models.llama import load_causal_lm
 
             load_causal_lm(cfg.model)  # fail now, clearly, rather than in the features stage
             return {"model": str(cfg.model), "trained": False}
-        from ..features.proxy import train_proxy
+        from ..models.proxy_training import train_proxy
 
         out = ctx.path("proxy", "x").parent
         train_proxy(pool_documents(ctx), ctx.run_dir / ctx.output("tokenizer")["dir"], out,

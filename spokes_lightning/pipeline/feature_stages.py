@@ -55,12 +55,12 @@ def gradient_store(ctx: RunContext, seeds: list[int], name: str):
     """Gradient sketches of the pool under each projection seed, from ONE forward + backward per batch."""
     from ..features.extract import extract_features
     from ..features.gradients import ProxyGradientModule
-    from ..features.tokenizer import load_tokenizer
+    from ..models.tokenizer import load_tokenizer
 
     cfg = ctx.cfg
     proxy = ctx.output("proxy")
     model = ctx.run_dir / proxy["model"] if proxy["trained"] else proxy["model"]
-    tokenizer = load_tokenizer(model) if not proxy["trained"] else load_tokenizer(ctx.run_dir / proxy["model"])
+    tokenizer = load_tokenizer(model, setting="proxy.model")
     g = cfg.features.gradients
     module = ProxyGradientModule(str(model), tokenizer, n_layers=int(g.n_layers), include_head=bool(g.include_head),
                                  projection=str(g.projection), k=int(g.k), seed=seeds[0], max_length=int(g.max_length),

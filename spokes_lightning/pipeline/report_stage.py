@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_json_atomic, write_text_atomic
+from ..evaluation.tasks import TASK_LABELS
 from ..features.store import open_feature_store
 from ..selection_artifact import read_selection
 from ..vendi import batch_vendi_score, vendi_score
@@ -18,10 +19,6 @@ from .stage import RunContext, Stage
 
 #: the report's source-mix column names this many sources, the rest as "other"
 SOURCE_MIX_TOP = 3
-
-TASK_LABELS = {"hellaswag": "HellaSwag", "mmlu": "MMLU", "arc_challenge": "ARC-C", "arc_easy": "ARC-E",
-               "piqa": "PIQA", "siqa": "SIQA", "boolq": "BoolQ", "winogrande": "WinoGrande",
-               "openbookqa": "OBQA", "commonsense_qa": "CSQA"}
 
 
 def _rows_of(store, ids):
@@ -214,7 +211,7 @@ class ReportStage(Stage):
             out.update(fig1="figures/fig1_alpha_tradeoff.png", fig2="figures/fig2_overlaps.png")
         curves = {}
         for m, p in ctx.results.get("pretrain", {}).items():
-            from ..pretrain import read_curve
+            from ..models.pretrain_record import read_curve
 
             curves[m] = read_curve(ctx.run_dir / p["metrics"])
         if curves:

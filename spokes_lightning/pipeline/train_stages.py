@@ -4,15 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..selection_artifact import read_selection
-from .data_stages import pool_documents, validation_documents
+from .data_stages import export_tokenizer, pool_documents, validation_documents
 from .select_stage import ordered_methods
 from .stage import RunContext, Stage, log
-
-
-def _tokenizer(ctx: RunContext):
-    from ..features.tokenizer import load_tokenizer
-
-    return load_tokenizer(ctx.run_dir / ctx.output("tokenizer")["dir"])
 
 
 def _selected_documents(ctx: RunContext, method: str):
@@ -38,7 +32,7 @@ class ExportStage(Stage):
     def run(self, ctx):
         from ..export import export_selection
 
-        tok = _tokenizer(ctx)
+        tok = export_tokenizer(ctx)
         out = {}
         e = ctx.cfg.export
         for method in ordered_methods(ctx.cfg, ctx.output("select")["methods"]):
@@ -67,13 +61,13 @@ class PretrainStage(Stage):
         return [path for pre in outputs.values() for path in (pre["model_dir"], pre["metrics"])]
 
     def run(self, ctx):
-        from ..pretrain import pretrain_on_megatron_data
+        from ..models.pretrain import pretrain_on_megatron_data
 
         p = ctx.cfg.pretrain
         if not p.enabled:
             log("pretrain: disabled in this recipe (run the generated Megatron scripts instead)")
             return {}
-        tok = _tokenizer(ctx)
+        tok = export_tokenizer(ctx)
         val = [d.text for d in validation_documents(ctx)]
         out = {}
         exports = ctx.output("export")

@@ -30,7 +30,6 @@ Result: ``indices`` are the kept rows best first = lowest ``M_j`` first, ties by
 """
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 
@@ -133,12 +132,11 @@ def max_earlier_similarity(xc: np.ndarray, block: int | None = None,
 def semdedup_scores(x: np.ndarray, clusters: list[np.ndarray], block: int | None = None,
                     block_elems: int = DEFAULT_BLOCK_ELEMS, progress: bool = True) -> np.ndarray:
     """``M`` (float32, N) for unit rows ``x`` given the ordered clusters."""
-    from tqdm import tqdm
+    from ..progress import progress as show_progress
 
     m_all = np.zeros(len(x), dtype=np.float32)
     biggest_first = sorted(range(len(clusters)), key=lambda c: -len(clusters[c]))
-    for c in tqdm(biggest_first, desc="semdedup clusters", file=sys.stderr,
-                  disable=not progress, mininterval=1.0):
+    for c in show_progress(biggest_first, "semdedup clusters", disable=not progress):
         members = clusters[c]
         m_all[members] = max_earlier_similarity(x[members], block, block_elems)
     return m_all

@@ -1,4 +1,4 @@
-"""Tokenizer of the offline proxy LM: a byte-level BPE trained on the corpus itself.
+"""Tokenizers: the one loader, and a byte-level BPE trained on the corpus itself.
 
 SPOKES (paper, section 2.1 / 4.1) takes per-document gradients of a small proxy language
 model. When no pretrained proxy (e.g. Qwen3-0.6B-Base) is reachable we train one from
@@ -15,7 +15,7 @@ from typing import Iterable
 
 from ..atomic import write_json_atomic
 from ..errors import UserError
-from .hub import load_pretrained
+from ..features.hub import load_pretrained
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -102,20 +102,19 @@ def train_tokenizer(
     return fast
 
 
-def load_tokenizer(path_or_hub_id: str | os.PathLike):
+def load_tokenizer(path_or_hub_id: str | os.PathLike, setting: str = "tokenizer.path"):
     """``AutoTokenizer.from_pretrained`` that fails fast and clearly when offline.
 
-    A tokenizer without a pad token gets its eos token as pad (needed for batching).
+    ``setting`` is the config key the one-line offline message suggests. A tokenizer without
+    a pad token gets its eos token as pad (needed for batching).
     """
     from transformers import AutoTokenizer
 
     def loader(name: str, local_files_only: bool):
         return AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
 
-    tok = load_pretrained(
-        path_or_hub_id, loader, what="tokenizer", setting="proxy.tokenizer",
-        example="Qwen3-0.6B-Base",
-    )
+    tok = load_pretrained(path_or_hub_id, loader, what="tokenizer", setting=setting,
+                          example="Qwen3-0.6B-Base")
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

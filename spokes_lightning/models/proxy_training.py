@@ -1,15 +1,12 @@
-"""The proxy language model whose per-document gradients SPOKES uses (paper, sections 2.1, 4.1).
+"""Training the offline proxy LM whose per-document gradients SPOKES uses (paper, sections 2.1, 4.1).
 
-Two ways to get one:
-
-* :func:`load_causal_lm` loads any Hugging Face causal LM (the paper uses Qwen3-0.6B-Base)
-  from a local directory or, when reachable, the hub; offline it fails fast with one line.
-* :func:`train_proxy` trains a small ``LlamaForCausalLM`` (6 layers, so the last-n-layer
-  calibration of section 4.1 has depth) on the corpus itself with a Lightning ``Trainer``:
-  packed sequences, AdamW with linear warmup + cosine decay, about one epoch, a CSV loss
-  curve and a progress bar. It is saved with ``save_pretrained`` (plus the tokenizer) so it
-  loads like any HF model, and a finished run (``done.json`` with the same config and corpus
-  hash) is reused instead of retrained.
+A pretrained proxy (the paper uses Qwen3-0.6B-Base) is loaded with
+:func:`spokes_lightning.models.llama.load_causal_lm`. Without one, :func:`train_proxy` trains a
+small ``LlamaForCausalLM`` (6 layers, so the last-n-layer calibration of section 4.1 has depth)
+on the corpus itself with a Lightning ``Trainer``: packed sequences, AdamW with linear warmup +
+cosine decay, about one epoch, a CSV loss curve and a progress bar. It is saved with
+``save_pretrained`` (plus the tokenizer) so it loads like any HF model, and a finished run
+(``done.json`` with the same config and corpus hash) is reused instead of retrained.
 """
 from __future__ import annotations
 
@@ -17,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,12 +21,10 @@ from typing import Iterable, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from ..atomic import write_json_atomic
 from ..errors import UserError
-from .hub import load_pretrained
+from .llama import CausalLMModule, StderrTrainingBar, build_llama, llama_config
 from .tokenizer import corpus_hash, load_tokenizer
 
 DONE_FILE = "done.json"
@@ -68,56 +62,14 @@ class ProxyConfig:
             raise UserError(f"proxy max_steps must be positive, got {self.max_steps}")
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def load_causal_lm(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = None):
-    """``AutoModelForCausalLM.from_pretrained`` that fails fast and clearly offline.
-
-    A missing local directory raises ``UserError("model directory X does not exist")``; a hub
-    id that is neither cached nor reachable raises one line saying how to point at a local
-    copy (``proxy.model=/path/to/Qwen3-0.6B-Base``). The model is returned in eval mode.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
-        if dtype is None:
-            raise UserError("dtype must be one of float32, bfloat16, float16")
-
-    def loader(name: str, local_files_only: bool):
-        kwargs = {"local_files_only": local_files_only}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-
-    model = load_pretrained(
-        path_or_hub_id, loader, what="model", setting="proxy.model", example="Qwen3-0.6B-Base"
-    )
-    return model.eval()
-
-
-def build_llama(config: ProxyConfig, tokenizer):
-    """A freshly initialised small ``LlamaForCausalLM`` sized by ``config``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    llama_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden,
-        intermediate_size=config.intermediate,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.heads,
-        num_key_value_heads=config.heads,
-        max_position_embeddings=config.max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+def proxy_llama_config(config: ProxyConfig, tokenizer):
+    """The proxy's ``LlamaConfig``: sized by ``config``, special token ids of ``tokenizer``."""
+    return llama_config(
+        len(tokenizer), hidden=config.hidden, intermediate=config.intermediate, n_layers=config.n_layers,
+        heads=config.heads, kv_heads=config.heads, max_length=config.max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
     )
-    torch.manual_seed(config.seed)
-    return LlamaForCausalLM(llama_config)
 
 
 # --------------------------------------------------------------------------- data
@@ -151,56 +103,6 @@ def pack_documents(texts: Sequence[str], tokenizer, max_length: int) -> torch.Te
 
 
 # --------------------------------------------------------------------------- training
-
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """Learning-rate multiplier: linear warmup to 1, cosine decay to 0.1 at ``total``."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class CausalLMModule(pl.LightningModule):
-    """Next-token training of a HF causal LM on packed blocks (labels = inputs, shifted inside)."""
-
-    def __init__(self, model, config: ProxyConfig, total_steps: int):
-        super().__init__()
-        self.model = model
-        self.config = config
-        self.total_steps = int(total_steps)
-
-    def training_step(self, batch, batch_idx):
-        (input_ids,) = batch
-        loss = self.model(input_ids=input_ids, labels=input_ids).loss
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False,
-                 batch_size=input_ids.shape[0])
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
-                 batch_size=input_ids.shape[0])
-        return loss
-
-    def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.config.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.config.lr, betas=(0.9, 0.95),
-        )
-        warmup = max(1, int(self.config.warmup_frac * self.total_steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, self.total_steps, warmup)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class StderrTQDMProgressBar(TQDMProgressBar):
-    """Lightning's tqdm training bar, drawn on stderr (stdout stays clean for results)."""
-
-    def init_train_tqdm(self):
-        return Tqdm(desc=self.train_description, disable=self.is_disabled, leave=True,
-                    dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
 
 
 def _resolve_tokenizer(tokenizer):
@@ -275,7 +177,9 @@ def train_proxy(
     steps_per_epoch = math.ceil(len(blocks) / (batch_size * int(devices)))
     total_steps = min(max_steps or math.inf, steps_per_epoch * epochs)  # max_steps only caps
     pl.seed_everything(seed, workers=True, verbose=False)
-    module = CausalLMModule(build_llama(config, tokenizer), config, total_steps)
+    model = build_llama(proxy_llama_config(config, tokenizer), config.seed)
+    module = CausalLMModule(model, config.lr, config.weight_decay, decay_all=False, total_steps=total_steps,
+                            warmup_steps=max(1, int(config.warmup_frac * total_steps)))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(blocks), batch_size=batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(seed), drop_last=False,
@@ -289,7 +193,7 @@ def train_proxy(
         strategy="ddp" if int(devices) > 1 and strategy == "auto" else strategy,
         max_epochs=epochs, max_steps=total_steps, logger=CSVLogger(str(out_dir), name="logs"),
         log_every_n_steps=1, enable_checkpointing=False, enable_model_summary=False,
-        callbacks=[StderrTQDMProgressBar(refresh_rate=1)], deterministic=True, gradient_clip_val=1.0,
+        callbacks=[StderrTrainingBar(refresh_rate=1)], deterministic=True, gradient_clip_val=1.0,
     )
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)

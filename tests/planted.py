@@ -1,4 +1,4 @@
-"""Synthetic feature matrices with known structure, for tests and benchmarks only.
+"""Test helper: synthetic feature matrices with known structure.
 
 The SPOKES acceptance check (foundation issue) uses :func:`planted_clusters`: uneven
 cluster sizes (Dirichlet(0.5)), Gaussian clusters around random centres.

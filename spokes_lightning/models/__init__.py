@@ -1,0 +1,1 @@
+"""Language models: the LLaMA builder and trainer, tokenizers, the proxy and local pretraining."""

@@ -1,0 +1,148 @@
+"""Causal LMs: load a pretrained one, build a small LLaMA, train it with Lightning.
+
+Both trained models of the toolkit use these: the offline proxy (:mod:`.proxy_training`,
+packed blocks, warmup + cosine LR) and the local pretraining comparison (:mod:`.pretrain`,
+Megatron samples, constant LR).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+from ..errors import UserError
+from ..features.hub import load_pretrained
+from ..progress import BAR_SETTINGS
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def load_causal_lm(path_or_hub_id: str | os.PathLike, dtype: torch.dtype | str | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` that fails fast and clearly offline.
+
+    A missing local directory raises ``UserError("model directory X does not exist")``; a hub
+    id that is neither cached nor reachable raises one line saying how to point at a local
+    copy (``proxy.model=/path/to/Qwen3-0.6B-Base``). The model is returned in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+        if dtype is None:
+            raise UserError("dtype must be one of float32, bfloat16, float16")
+
+    def loader(name: str, local_files_only: bool):
+        kwargs = {"local_files_only": local_files_only}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+    model = load_pretrained(
+        path_or_hub_id, loader, what="model", setting="proxy.model", example="Qwen3-0.6B-Base"
+    )
+    return model.eval()
+
+
+def llama_config(vocab_size: int, *, hidden: int, intermediate: int, n_layers: int, heads: int,
+                 kv_heads: int, max_length: int, **fields):
+    """A ``LlamaConfig`` (RMSNorm eps 1e-5, tied embeddings); ``fields`` sets further keys."""
+    from transformers import LlamaConfig
+
+    if hidden % heads:
+        raise UserError(f"hidden size {hidden} is not divisible by {heads} heads")
+    return LlamaConfig(
+        vocab_size=int(vocab_size), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_length, rms_norm_eps=1e-5, tie_word_embeddings=True, **fields,
+    )
+
+
+def build_llama(config, seed: int):
+    """A freshly initialised ``LlamaForCausalLM``; the same ``seed`` gives the same weights."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def causal_lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch.
+
+    A batch is ``(input_ids,)`` packed blocks (labels = inputs, shifted by the model) or a
+    Megatron sample dict ``{"tokens", "labels", "loss_mask"}`` (mean over positions with mask 1).
+    """
+    if not isinstance(batch, Mapping):
+        (input_ids,) = batch
+        return model(input_ids=input_ids, labels=input_ids).loss
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["tokens"]).logits.float()
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1), reduction="none"
+    )
+    mask = batch["loss_mask"].reshape(-1).to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate multiplier: linear warmup to 1, cosine decay to 0.1 at ``total``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CausalLMModule(pl.LightningModule):
+    """Next-token training of a HF causal LM with AdamW (betas 0.9, 0.95).
+
+    ``warmup_steps=None`` keeps the learning rate constant; otherwise it follows
+    :func:`warmup_cosine` over ``total_steps``. ``decay_all=False`` exempts norm weights and
+    biases from weight decay. Logs ``train_loss`` (averaged over ranks) and ``lr`` every step.
+    """
+
+    def __init__(self, model, lr: float, weight_decay: float, *, decay_all: bool = True,
+                 warmup_steps: int | None = None, total_steps: int | None = None):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.decay_all = float(lr), float(weight_decay), bool(decay_all)
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+
+    def training_step(self, batch, batch_idx):
+        loss = causal_lm_loss(self.model, batch)
+        size = len(batch["tokens"]) if isinstance(batch, Mapping) else len(batch[0])
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True,
+                 batch_size=size)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        if self.decay_all:
+            groups = self.model.parameters()
+        else:
+            decay, no_decay = [], []
+            for name, param in self.model.named_parameters():
+                (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+            groups = [{"params": decay, "weight_decay": self.weight_decay},
+                      {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay)
+        if self.warmup_steps is None:
+            return optimizer
+        total, warmup = int(self.total_steps), int(self.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class StderrTrainingBar(TQDMProgressBar):
+    """Lightning's training bar on stderr, with the settings of :func:`spokes_lightning.progress.progress`."""
+
+    def init_train_tqdm(self):
+        return Tqdm(desc=self.train_description, disable=self.is_disabled, leave=True,
+                    file=sys.stderr, bar_format=self.BAR_FORMAT, **BAR_SETTINGS)
