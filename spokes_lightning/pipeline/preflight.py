@@ -7,7 +7,12 @@ from ..budget import budget_to_count, parse_budget
 from ..errors import UserError
 from .stage import to_plain
 
-KNOWN_STAGES = ("corpus", "tokenizer", "proxy", "features", "select", "export", "pretrain", "evaluate", "report")
+
+def known_stages() -> tuple[str, ...]:
+    """The names ``stages=[...]`` may list: those of the pipeline's stage list (one source)."""
+    from .stages import STAGE_NAMES  # not at import time: the stage modules import this one
+
+    return STAGE_NAMES
 
 
 def document_limit(value, key: str) -> int | None:
@@ -68,9 +73,10 @@ def check_config(cfg) -> None:
     check_run_dir(cfg.run_dir)
     check_method_specs(to_plain(cfg.selection.specs), cfg.selection.methods)
     if cfg.stages is not None:
+        known = known_stages()
         for s in cfg.stages:
-            if s not in KNOWN_STAGES:
-                raise UserError(f"unknown stage '{s}'; stages are: {', '.join(KNOWN_STAGES)}")
+            if s not in known:
+                raise UserError(f"unknown stage '{s}'; stages are: {', '.join(known)}")
     budget = parse_budget(str(cfg.selection.budget))
     if isinstance(budget, float):
         budget_to_count(budget, 10**9)  # range check of the fraction

@@ -11,6 +11,8 @@ from .train_stages import EvaluateStage, ExportStage, PretrainStage
 
 STAGES = [CorpusStage(), TokenizerStage(), ProxyStage(), FeaturesStage(), SelectStage(), ExportStage(),
           PretrainStage(), EvaluateStage(), ReportStage()]
+#: the stage names, in order: what ``stages=[...]`` may list (checked by preflight)
+STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 def run_and_report(stages, cfg):
