@@ -24,8 +24,9 @@ from typing import Iterable, Iterator
 
 from .errors import UserError, require_package
 from .features.hub import hub_offline_reason
+from .resources import shipped_dir
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
+DEMO_DIR = shipped_dir("demo_data")  # data/demo of a checkout, or the installed package's copy
 SUPPORTED_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
 _PARQUET_BATCH = 1024
 

@@ -24,8 +24,8 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-import callbacks.selection as selection_module
-from callbacks import SelectionCallback
+import spokes_lightning.callbacks.selection as selection_module
+from spokes_lightning.callbacks import SelectionCallback
 from spokes_lightning.features.store import FeatureStoreWriter
 
 N_CHUNKS, CHUNK = 6, 20
@@ -206,7 +206,7 @@ def test_two_process_ddp_matches_one_process(script, one_process, tmp_path):
 
 
 def test_count_mismatch_is_a_user_error(script, one_process, tmp_path):
-    from callbacks.selection import run_selections
+    from spokes_lightning.callbacks.selection import run_selections
     from spokes_lightning.features.store import FeatureStoreWriter
 
     short = FeatureStoreWriter(tmp_path / "emb_short", {"store": "short"})

@@ -78,8 +78,10 @@ TASK_LABELS = {name: spec.label for name, spec in TASK_SPECS.items()}
 
 
 def default_eval_dir() -> Path:
-    """``data/demo/eval`` of the repository this package lives in."""
-    return Path(__file__).resolve().parents[2] / "data" / "demo" / "eval"
+    """``data/demo/eval`` of a checkout, or the installed package's copy."""
+    from ..resources import shipped_dir
+
+    return shipped_dir("demo_data") / "eval"
 
 
 def check_task_names(tasks) -> tuple[str, ...]:
