@@ -1,0 +1,85 @@
+"""Family ``gradients``: sketches of per-document proxy-LM gradients (paper eq. 3-4).
+
+With ``report.gvendi_independent`` both projection seeds' sketches come from one backward
+pass (store ``gradients_two_seeds``) and are split into ``gradients`` and
+``gradients_independent`` (seed + :data:`INDEPENDENT_SEED_OFFSET`, for the report's G-Vendi).
+"""
+from __future__ import annotations
+
+import shutil
+
+from ..registry import STORE_FILES, FeatureFamily, extract_kwargs, register, store_for_inputs
+
+#: the independent projection (report's G-Vendi under a seed SPOKES never saw) uses seed + this
+INDEPENDENT_SEED_OFFSET = 1000
+
+
+@register
+class Gradients(FeatureFamily):
+    name = "gradients"
+    computes = "Rademacher sketches of per-document gradients of the proxy LM's last layers (+ head)"
+    order = 100
+
+    def settings(self, cfg) -> dict:
+        return {"features": cfg.features, "seed": cfg.seed, "independent": cfg.report.gvendi_independent}
+
+    def seeds(self, cfg) -> list[int]:
+        seed = int(cfg.seed)
+        return [seed, seed + INDEPENDENT_SEED_OFFSET] if cfg.report.gvendi_independent else [seed]
+
+    def cache_key(self, ctx, seeds: list[int] | None = None) -> dict:
+        from ...pipeline.stage import to_plain
+
+        return {**{n: ctx.keys.get(n) for n in ("corpus", "tokenizer", "proxy")},
+                "gradients": to_plain(ctx.cfg.features.gradients), "seeds": list(seeds or self.seeds(ctx.cfg)),
+                "chunk_size": int(ctx.cfg.features.chunk_size)}
+
+    def module(self, ctx, seeds: list[int] | None = None):
+        from ...models.tokenizer import load_tokenizer
+        from ..gradients import ProxyGradientModule
+
+        seeds = list(seeds or self.seeds(ctx.cfg))
+        proxy = ctx.output("proxy")
+        model = ctx.run_dir / proxy["model"] if proxy["trained"] else proxy["model"]
+        g = ctx.cfg.features.gradients
+        return ProxyGradientModule(str(model), load_tokenizer(model, setting="proxy.model"), n_layers=int(g.n_layers),
+                                   include_head=bool(g.include_head), projection=str(g.projection), k=int(g.k),
+                                   seed=seeds[0], max_length=int(g.max_length), dtype=str(g.dtype),
+                                   extra_seeds=seeds[1:])
+
+    def store(self, ctx, seeds: list[int], name: str):
+        """Sketches under each seed in ``seeds``, from ONE forward + backward per batch."""
+        from ...pipeline.data_stages import pool_documents
+        from ..extract import extract_features
+
+        # the proxy's identity is in the key (its stage key); its path may change with a moved run_dir
+        return extract_features(self.module(ctx, seeds), pool_documents(ctx),
+                                store_for_inputs(ctx, name, self.cache_key(ctx, seeds)), unchecked_keys=("model",),
+                                **extract_kwargs(ctx.cfg))
+
+    def run(self, ctx) -> dict:
+        from ...pipeline.stage import log
+        from ..store import write_column_slice
+
+        cfg = ctx.cfg
+        seeds = self.seeds(cfg)
+        k = int(cfg.features.gradients.k)
+        out = {}
+        if len(seeds) > 1:  # both seeds' sketches from one backward, then split
+            both = self.store(ctx, seeds, "gradients_two_seeds")
+            for name in ("gradients", "gradients_independent"):  # written whole from the two-seed store
+                shutil.rmtree(ctx.run_dir / "features" / name, ignore_errors=True)
+            grads = write_column_slice(both, ctx.run_dir / "features" / "gradients", 0, k, {"extra_seeds": []})
+            write_column_slice(both, ctx.run_dir / "features" / "gradients_independent", k, 2 * k,
+                               {"seed": seeds[1], "extra_seeds": []})
+            out["gradients_independent"] = "features/gradients_independent"
+        else:
+            grads = self.store(ctx, seeds, "gradients")
+        out["gradients"] = "features/gradients"
+        log(f"features: gradients {grads.matrix.shape} ({len(grads.skipped)} documents skipped: "
+            f"{sorted(set(grads.skipped.values()))})")
+        return out
+
+    def handed_on(self, outputs: dict) -> list[str]:
+        stores = [outputs[k] for k in ("gradients", "gradients_independent") if outputs.get(k)]
+        return [f"{store}/{f}" for store in stores for f in STORE_FILES]

@@ -1,0 +1,163 @@
+"""Feature families: the kinds of per-document features the features stage computes.
+
+Each family is a small :class:`FeatureFamily` subclass in one module of
+:mod:`spokes_lightning.features.families`, registered by name with :func:`register`; every
+module there is imported on first use, so adding a feature type is adding one file. The
+features stage runs the enabled families in ``order`` (a family may read an earlier one's store).
+
+The contract:
+
+* ``name``: the registry key; ``computes``: one line saying what it computes; ``order``;
+* ``settings(cfg)``: the config that shapes its output (part of the features stage's key);
+* ``enabled(cfg)``: whether this run computes it;
+* ``cache_key(ctx)``: what its store derives from (upstream stage keys + settings); a store
+  resumes only from chunks made from the same key (:func:`store_for_inputs`);
+* ``module(ctx)``: the feature module whose ``manifest()`` is its store's ``manifest.json``
+  (None for a family that writes no store);
+* ``run(ctx)``: computes (or resumes) its feature store or score file; returns its stage outputs;
+* ``handed_on(outputs)``: the files among the stage's outputs that later stages read (none
+  when this family did not run).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import pkgutil
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from ..atomic import save_npy_atomic, write_json_atomic
+from ..errors import UserError
+
+#: in each store directory: the key of what its chunks were computed from
+INPUTS_FILE = "inputs.json"
+#: the files of a finished store that later stages read
+STORE_FILES = ("features.npy", "ids.json", "manifest.json")
+
+_REGISTRY: dict[str, type["FeatureFamily"]] = {}
+
+
+class FeatureFamily:
+    """One kind of per-document feature; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    computes: ClassVar[str] = ""
+    order: ClassVar[int] = 100
+
+    def settings(self, cfg) -> dict:
+        return {}
+
+    def enabled(self, cfg) -> bool:
+        return True
+
+    def cache_key(self, ctx) -> dict | None:
+        return None
+
+    def module(self, ctx):
+        return None
+
+    def run(self, ctx) -> dict:
+        raise NotImplementedError
+
+    def handed_on(self, outputs: dict) -> list[str]:
+        return []
+
+
+def register(cls: type[FeatureFamily]) -> type[FeatureFamily]:
+    """Class decorator: add a family to the registry under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"feature family {cls.__name__} needs a unique name, got {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def families() -> list[FeatureFamily]:
+    """Every registered family (the built-in modules imported first), in run order."""
+    from . import families as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    return [cls() for cls in sorted(_REGISTRY.values(), key=lambda c: (c.order, c.name))]
+
+
+# --------------------------------------------------------------------------- shared by families
+
+
+def extract_kwargs(cfg) -> dict:
+    """The ``features.*`` settings :func:`~spokes_lightning.features.extract.extract_features` takes."""
+    return {"chunk_size": int(cfg.features.chunk_size), "batch_size": int(cfg.features.batch_size),
+            "devices": cfg.features.devices, "strategy": cfg.features.strategy}
+
+
+def corpus_inputs(ctx, **settings) -> dict:
+    """What a store over the pool alone (embeddings, classifier quality) derives from."""
+    return {"corpus": ctx.keys.get("corpus"), "chunk_size": int(ctx.cfg.features.chunk_size), **settings}
+
+
+def store_for_inputs(ctx, name: str, derives_from: dict) -> Path:
+    """``features/<name>``, emptied first when its chunks were computed from other inputs.
+
+    Chunks resume a killed run only when ``derives_from`` (upstream stage keys and the settings
+    that shape the rows) is unchanged: a retrained proxy or another corpus at the same path gives
+    a fresh store, as in a new run_dir. Batch size, devices and strategy are not part of it.
+    """
+    from ..pipeline.stage import log
+
+    path = ctx.run_dir / "features" / name
+    key = hashlib.sha256(json.dumps(derives_from, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    record = path / INPUTS_FILE
+    try:
+        same = json.loads(record.read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same:
+        if path.exists():
+            log(f"features: {name}: the chunks there were computed from other inputs; computing them again")
+            shutil.rmtree(path)
+        write_json_atomic(record, {"key": key, "inputs": derives_from})
+    return path
+
+
+class QualitySource(FeatureFamily):
+    """A quality score per pool document -> ``features/quality.npy`` (+ ``quality_ids.json``).
+
+    Exactly one source runs: the one named by ``quality.source``. Subclasses give ``source``
+    and ``scores(ctx, pool) -> (scores, extra outputs)``.
+    """
+
+    source: ClassVar[str] = ""
+    order: ClassVar[int] = 300
+
+    def settings(self, cfg) -> dict:
+        return {"quality": cfg.quality}
+
+    def enabled(self, cfg) -> bool:
+        return str(cfg.quality.source) == self.source
+
+    def scores(self, ctx, pool) -> tuple[np.ndarray, dict]:
+        raise NotImplementedError
+
+    def run(self, ctx) -> dict:
+        from ..pipeline.data_stages import pool_documents
+
+        pool = pool_documents(ctx)
+        scores, extra = self.scores(ctx, pool)
+        save_npy_atomic(ctx.path("features", "quality.npy"), np.asarray(scores, dtype=np.float64))
+        write_json_atomic(ctx.path("features", "quality_ids.json"), [d.id for d in pool])
+        return {"quality_source": self.source, **extra,
+                "quality": "features/quality.npy", "quality_ids": "features/quality_ids.json"}
+
+    def handed_on(self, outputs: dict) -> list[str]:
+        return [outputs["quality"], outputs["quality_ids"]] if outputs.get("quality_source") == self.source else []
+
+
+def check_quality_source(cfg, registered: list[FeatureFamily]) -> None:
+    """``quality.source`` must name a registered :class:`QualitySource`: one line otherwise."""
+    sources = [f.source for f in registered if isinstance(f, QualitySource)]
+    if str(cfg.quality.source) not in sources:
+        raise UserError(f"quality.source must be {', '.join(sources[:-1])} or {sources[-1]}, "
+                        f"got {cfg.quality.source!r}")
