@@ -34,6 +34,7 @@ import numpy as np
 from .calibration_outputs import plot_k, plot_layers, plot_projection, write_outputs
 from .errors import UserError, user_errors_exit
 from .progress import progress
+from .selection.compare import subset_overlap_pct
 
 DEFAULT_K_VALUES = (256, 512, 1024, 2048, 4096)
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5)
@@ -70,12 +71,6 @@ def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> float:
     denom = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
     rho = np.where(denom > 0, (ra * rb).sum(1) / np.where(denom > 0, denom, 1.0), 0.0)
     return float(np.clip(rho.mean(), -1.0, 1.0))
-
-
-def overlap(a: Sequence[int], b: Sequence[int]) -> float:
-    """|A intersect B| / |A| in percent (appendix A)."""
-    a, b = set(map(int, a)), set(map(int, b))
-    return 100.0 * len(a & b) / max(1, len(a))
 
 
 def jl_project(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -232,7 +227,7 @@ def k_study(ctx: ProxyContext, k_values: Sequence[int], k_ref: int, fractions: S
         sketch = jl_project(reference, k, seed + 1)
         for f in fractions:
             rows.append({"k": int(k), "fraction": f,
-                         "overlap_pct": round(overlap(spokes_subset(sketch, f), ref_subsets[f]), 2)})
+                         "overlap_pct": round(subset_overlap_pct(spokes_subset(sketch, f), ref_subsets[f]), 2)})
     return rows
 
 
@@ -252,10 +247,10 @@ def projection_study(ctx: ProxyContext, k: int, n_layers: int, fraction: float, 
                [("dense", dense_a), ("dense_seed2", dense_b), ("kronecker", kron)]}
     return [
         {"comparison": "dense vs kronecker", "fraction": fraction,
-         "overlap_pct": round(overlap(subsets["dense"], subsets["kronecker"]), 2),
+         "overlap_pct": round(subset_overlap_pct(subsets["dense"], subsets["kronecker"]), 2),
          "kernel_spearman": round(rowwise_spearman(cosine_kernel(dense_a), cosine_kernel(kron)), 6)},
         {"comparison": "dense seed A vs dense seed B (noise floor)", "fraction": fraction,
-         "overlap_pct": round(overlap(subsets["dense"], subsets["dense_seed2"]), 2),
+         "overlap_pct": round(subset_overlap_pct(subsets["dense"], subsets["dense_seed2"]), 2),
          "kernel_spearman": round(rowwise_spearman(cosine_kernel(dense_a), cosine_kernel(dense_b)), 6)},
     ]
 

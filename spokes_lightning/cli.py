@@ -1,6 +1,7 @@
 """The ``spokes`` command line (also ``python -m spokes_lightning``).
 
     spokes select --method spokes --features F.npy [--quality Q.npy] --budget B --out OUT.npy
+                  [--embeddings E.npy --domains D.npy|D.json --lengths L.npy --plugin my_selector.py]
     spokes gvendi --features F.npy [--indices I.npy] [--batch-size B --batches M --seed S]
 
 Stdout carries exactly one JSON line; logs and progress go to stderr. Bad input: one line
@@ -18,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import save_npy_atomic
-from .budget import budget_to_count, parse_budget
 from .errors import UserError, user_errors_exit
-from .selectors import SelectionInputs, available_methods, get_selector
+from .selection.artifact import check_multiplicity
+from .selection.driver import BUDGET_UNITS, Budget, resolve_auto, select_method
+from .selection.pool import SelectionPool
+from .selectors import available_methods, get_selector, load_plugins, selector_class
 from .spokes import selection_scores
 
 
@@ -105,27 +108,102 @@ def check_output_path(out: str, inputs: list[str]) -> None:
         raise UserError(f"cannot write to {parent}: {exc.strerror or exc}") from None
 
 
-def cmd_select(args) -> dict:
-    params = parse_params(args.param)
-    if args.method == "spokes":  # the SPOKES flags are parameters of the spokes method
-        params.update(alpha=args.alpha or 0.0, steps=args.steps, step_rule=args.step_rule, lr=args.lr,
-                      drop_zero_rows=args.drop_zero_rows)
-    elif args.alpha is not None and (not 0.0 <= args.alpha <= 1.0 or math.isnan(args.alpha)):
-        raise UserError(f"alpha must be in [0, 1], got {args.alpha}")
-    selector = get_selector(args.method, **params)
-    check_output_path(args.out, [args.features, args.quality])
+#: the select flags that set a method parameter of the same name (when the method has it)
+PARAM_FLAGS = {"alpha": "--alpha", "steps": "--steps", "step_rule": "--step-rule", "lr": "--lr",
+               "drop_zero_rows": "--drop-zero-rows"}
+
+
+def flag_params(args, selector_cls) -> dict:
+    """The parameter flags given on the command line, for a method that declares them.
+
+    A flag the method does not have is ignored with a note on stderr (``--alpha`` with
+    ``--method random`` has always been accepted)."""
+    params = {}
+    for key, flag in PARAM_FLAGS.items():
+        value = getattr(args, key)
+        if value is None or value is False:
+            continue
+        if key in selector_cls.params_spec:
+            params[key] = value
+        else:
+            print(f"[spokes] note: {flag} ignored: method '{args.method}' has no parameter {key}", file=sys.stderr)
+    return params
+
+
+def parse_alpha(text: str | None):
+    """``--alpha``: a number, or ``auto`` (paper section 3.2, resolved on these features)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"alpha must be a number in [0, 1] or auto, got {text!r}") from None
+    if not 0.0 <= value <= 1.0 or math.isnan(value):
+        raise UserError(f"alpha must be in [0, 1], got {text}")
+    return value
+
+
+def cli_pool(args, selector_cls) -> tuple[SelectionPool, np.ndarray]:
+    """The pool of the command line's files (ids are row numbers) and the --features matrix."""
     features = load_matrix(args.features, "features")
     n = features.shape[0]
-    k = budget_to_count(parse_budget(args.budget), n)
-    quality = load_vector(args.quality, n) if args.quality else None
-    inputs = SelectionInputs(quality=quality)
-    setattr(inputs, selector.feature_field, features)
-    result = selector.select(inputs, k, seed=args.seed)
+    ids = [str(i) for i in range(n)]
+    sources = {selector_cls.feature_field: (ids, features)}
+    primary, named = None, {}
+    for item in args.quality or []:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        vector = load_vector(path, n, f"quality {name}".strip())
+        named[name or "quality"] = (ids, vector)
+        primary = vector if primary is None else primary
+    if primary is not None:
+        sources["quality"] = (ids, primary)
+    if args.embeddings and selector_cls.feature_field != "embeddings":
+        sources["embeddings"] = (ids, load_matrix(args.embeddings, "embeddings"))
+    if args.lengths:
+        lengths = load_vector(args.lengths, n, "lengths")
+        if (lengths < 0).any() or not np.equal(np.round(lengths), lengths).all():
+            raise UserError(f"lengths in {args.lengths} must be non-negative integers")
+        sources["lengths"] = (ids, lengths.astype(np.int64))
+    if args.domains:
+        sources["domains"] = (ids, load_domains(args.domains, n))
+    return SelectionPool.join(sources, named if len(named) > 1 or "quality" not in named else None), features
+
+
+def load_domains(path: str, n: int) -> list:
+    """Domain labels: a .npy of N integers or a .json list of N strings."""
+    if path.endswith(".json"):
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read domains file {path}: {exc}") from None
+    else:
+        values = open_array(path, "domains").reshape(-1).tolist()
+    if not isinstance(values, list) or len(values) != n:
+        raise UserError(f"domains in {path} must list {n} labels (one per features row)")
+    return values
+
+
+def cmd_select(args) -> dict:
+    load_plugins(args.plugin)
+    cls = selector_class(args.method)
+    params = {**flag_params(args, cls), **parse_params(args.param)}
+    get_selector(args.method, **{k: v for k, v in params.items() if v != "auto"})  # parameter errors first
+    check_output_path(args.out, [args.features, *[q.rpartition("=")[2] for q in args.quality or []]])
+    pool, features = cli_pool(args, cls)
+    budget = Budget.resolve(args.budget, args.budget_unit, pool)
+    spec = resolve_auto(pool, args.method, {"selector": args.method, **params}, budget.k, args.seed, {}, {})
+    result = select_method(pool, spec, budget, args.seed)
     indices = np.asarray(result.indices, dtype=np.int64)
-    gvendi, mean_q = selection_scores(features, quality, indices)
+    copies = check_multiplicity(args.method, result, len(indices))
+    gvendi, mean_q = selection_scores(features, pool.inputs.quality, indices)
+    out = {"method": args.method, "n": pool.n, "selected": int(len(indices)), "gvendi": gvendi,
+           "mean_quality": mean_q}
+    if (copies != 1).any():  # the copies go next to the indices: OUT.multiplicity.npy
+        multiplicity_path = str(Path(args.out).with_suffix("")) + ".multiplicity.npy"
+        save_npy_atomic(multiplicity_path, copies)
+        out.update(copies=int(copies.sum()), multiplicity=multiplicity_path)
     save_npy_atomic(args.out, indices)
-    return {"method": args.method, "n": n, "selected": int(len(indices)), "gvendi": gvendi,
-            "mean_quality": mean_q}
+    return out
 
 
 def load_indices(path: str, n: int) -> np.ndarray:
@@ -172,13 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"available methods:\n{methods}")
     s.add_argument("--method", required=True, help="one of: " + ", ".join(sorted(SELECTORS)))
     s.add_argument("--features", required=True, help="N x d .npy (gradients; embeddings for semdedup)")
-    s.add_argument("--quality", help="N quality scores .npy")
+    s.add_argument("--quality", action="append", metavar="[NAME=]FILE",
+                   help="N quality scores .npy; repeat with NAME=FILE for named scores (the first is primary)")
+    s.add_argument("--embeddings", help="N x e sentence embeddings .npy (methods that read them)")
+    s.add_argument("--domains", help="N domain labels: .npy of integers or .json list of strings")
+    s.add_argument("--lengths", help="N token counts .npy (needed by --budget-unit tokens)")
     s.add_argument("--budget", required=True, help="count (400) or fraction with a point (0.1)")
-    s.add_argument("--alpha", type=float, default=None, help="quality weight in [0, 1] (spokes)")
-    s.add_argument("--steps", type=int, default=20, help="exponentiated-gradient steps T (spokes)")
-    s.add_argument("--step-rule", default="backtracking", choices=["backtracking", "fixed"])
+    s.add_argument("--budget-unit", default="documents", choices=BUDGET_UNITS)
+    s.add_argument("--alpha", type=parse_alpha, default=None, help="quality weight in [0, 1] or auto (spokes)")
+    s.add_argument("--steps", type=int, default=None, help="exponentiated-gradient steps T (spokes; default 20)")
+    s.add_argument("--step-rule", default=None, choices=["backtracking", "fixed"])
     s.add_argument("--lr", type=float, default=None, help="eta (fixed rule) / initial eta (backtracking)")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method-specific setting")
+    s.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="load a selector from a .py file or module first (repeatable)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--drop-zero-rows", action="store_true", help="drop zero-norm rows instead of failing")
     s.add_argument("--out", required=True, help="output .npy of selected row indices (int64)")
@@ -192,8 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plugin_args(argv: list[str]) -> list[str]:
+    """The ``--plugin`` values, read before the parser is built so ``--help`` lists their methods."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            found.append(arg.split("=", 1)[1])
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     with user_errors_exit():
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        load_plugins(plugin_args(argv))
         args = build_parser().parse_args(argv)
         out = cmd_select(args) if args.command == "select" else cmd_gvendi(args)
     print(json.dumps(out), flush=True)

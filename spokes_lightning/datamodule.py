@@ -17,7 +17,8 @@ Usage::
 
 How documents become batches (each epoch, identically computed on every rank):
 
-1. Each selected document is tokenized once (no special tokens) and followed by one EOS.
+1. Each selected document is tokenized once (no special tokens) and followed by one EOS; a
+   document the selection takes ``c`` times (its multiplicity) enters the epoch ``c`` times.
 2. The documents are shuffled with ``default_rng([seed, epoch])`` and dealt, in that order,
    to the rank holding the fewest tokens so far (ties -> lower rank): every document goes to
    exactly one rank, and ranks differ by at most about one document's tokens.
@@ -46,7 +47,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import UserError
-from .selection_artifact import read_selection
+from .selection.artifact import read_selection
 
 IGNORE_INDEX = -100
 Segment = tuple[int, int, int]  # (selected-document index, token start, token stop)
@@ -181,18 +182,27 @@ def _as_id_text_pairs(documents, text_field: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _selected_ids(selection, corpus_ids: list[str]) -> set[str]:
+def selected_copies(selection, corpus_ids: list[str]) -> dict[str, int]:
+    """``{id: copies}`` of a selection: an artifact dir (its multiplicities), ``{id: copies}``,
+    or a list of ids (one copy each); every id must be in the corpus."""
     if isinstance(selection, (str, os.PathLike)):
-        return set(read_selection(Path(selection), corpus_ids).ids)
-    chosen = [str(s) for s in selection]
-    if len(set(chosen)) != len(chosen):
-        raise UserError("the selection lists a document id more than once")
+        return read_selection(Path(selection), corpus_ids).id_counts()
+    if isinstance(selection, dict):
+        counts = {str(k): v for k, v in selection.items()}
+        bad = [k for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1]
+        if bad:
+            raise UserError(f"selection copies must be integers >= 1, got {counts[bad[0]]!r} for {bad[0]!r}")
+    else:
+        chosen = [str(s) for s in selection]
+        if len(set(chosen)) != len(chosen):
+            raise UserError("the selection lists a document id more than once (give {id: copies} for copies)")
+        counts = dict.fromkeys(chosen, 1)
     known = set(corpus_ids)
-    missing = [s for s in chosen if s not in known]
+    missing = [s for s in counts if s not in known]
     if missing:
         raise UserError(f"selection names {len(missing)} id(s) not in the corpus, "
                         f"e.g. {missing[0]!r}")
-    return set(chosen)
+    return {k: int(v) for k, v in counts.items()}
 
 
 def _tokenize(tokenizer, texts: list[str], eos_id: int, chunk: int = 256) -> list[np.ndarray]:
@@ -228,13 +238,15 @@ class SelectedDataModule(LightningDataModule):
         if self.tokens is not None:
             return
         pairs = _as_id_text_pairs(self.documents, self.text_field)
-        chosen = _selected_ids(self.selection, [doc_id for doc_id, _ in pairs])
-        if not chosen:
+        copies = selected_copies(self.selection, [doc_id for doc_id, _ in pairs])
+        if not copies:
             raise UserError("the selection is empty")
-        kept = [(doc_id, text) for doc_id, text in pairs if doc_id in chosen]  # corpus order
-        self.ids = [doc_id for doc_id, _ in kept]
+        kept = [(doc_id, text) for doc_id, text in pairs if doc_id in copies]  # corpus order
         eos = int(self.tokenizer.eos_token_id)
-        self.tokens = _tokenize(self.tokenizer, [text for _, text in kept], eos)
+        tokens = _tokenize(self.tokenizer, [text for _, text in kept], eos)  # once per document
+        # a document with c copies is c entries (the same token array): each is dealt and packed
+        self.ids = [doc_id for doc_id, _ in kept for _ in range(copies[doc_id])]
+        self.tokens = [t for (doc_id, _), t in zip(kept, tokens) for _ in range(copies[doc_id])]
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -3,9 +3,11 @@
 For one selection method, :func:`export_selection` writes
 
 * ``<run_dir>/export/<method>.jsonl.gz`` and ``<run_dir>/export/<method>.parquet``
-  (``id, text, source`` in selection order; gzip header mtime 0 so re-exports are byte-identical),
+  (``id, text, source`` in selection order, plus ``copies`` when a document is taken more than
+  once; gzip header mtime 0 so re-exports are byte-identical),
 * ``<run_dir>/megatron/<method>_text_document.bin/.idx``: a Megatron indexed dataset written with
-  megatron-core's ``IndexedDatasetBuilder``, one document per selected text followed by one EOD
+  megatron-core's ``IndexedDatasetBuilder``, one document per selected text (``copies`` times
+  for a document the selection takes several times: its multiplicity) followed by one EOD
   token, token dtype chosen from the vocabulary size as Megatron's ``preprocess_data.py`` does,
 * ``<run_dir>/megatron/tokenizer/`` (the tokenizer, for ``--tokenizer-model``), and
 * ``<run_dir>/megatron/pretrain_<method>.sh``: the multi-node Megatron-LM launch script
@@ -92,6 +94,16 @@ def resolve_selection(documents: Sequence, selected: Iterable) -> np.ndarray:
     return positions
 
 
+def check_copies(copies, n: int) -> list[int] | None:
+    """Copies per selected document as ints >= 1; None when absent or all ones."""
+    if copies is None:
+        return None
+    values = np.asarray(copies)
+    if values.shape != (n,) or values.dtype.kind not in "iu" or (values < 1).any():
+        raise UserError(f"copies must be {n} integers >= 1 (one per selected document)")
+    return None if (values == 1).all() else [int(c) for c in values]
+
+
 def _records(documents: Sequence, positions: np.ndarray) -> list[dict]:
     records = []
     for pos in positions.tolist():
@@ -124,7 +136,8 @@ def write_jsonl_gz(path: Path, records: list[dict]) -> None:
 def write_parquet(path: Path, records: list[dict]) -> None:
     pa = require_package("pyarrow", "pyarrow")
     pq = require_package("pyarrow.parquet", "pyarrow")
-    table = pa.table({k: [r[k] for r in records] for k in ("id", "text", "source")})
+    fields = ("id", "text", "source", "copies") if records and "copies" in records[0] else ("id", "text", "source")
+    table = pa.table({k: [r[k] for r in records] for k in fields})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -219,6 +232,7 @@ def export_selection(
     run_dir: str | os.PathLike,
     tokenizer,
     *,
+    copies: Sequence[int] | None = None,
     eod_id: int | None = None,
     shape: LlamaShape = LLAMA_3_2_1B,
     **launch_settings,
@@ -226,7 +240,8 @@ def export_selection(
     """Export one method's selection as text files, Megatron data and a launch script.
 
     ``documents`` is a sequence of records with ``text`` (and ``id``, ``source``);
-    ``tokenizer`` a HuggingFace fast tokenizer. ``launch_settings`` go to
+    ``tokenizer`` a HuggingFace fast tokenizer; ``copies`` (one per selected document, >= 1)
+    repeats documents in the Megatron data (None or all ones: each once). ``launch_settings`` go to
     :func:`~spokes_lightning.megatron_launch.megatron_llama_args` (defaults: the paper's).
     """
     method = _check_method_name(method)
@@ -234,6 +249,10 @@ def export_selection(
         raise UserError("tokenizer must be a HuggingFace tokenizer (PreTrainedTokenizerFast)")
     positions = resolve_selection(documents, selected_indices_or_ids)
     records = _records(documents, positions)
+    copies = check_copies(copies, len(positions))
+    if copies is not None:
+        for record, c in zip(records, copies):
+            record["copies"] = c
     run_dir = Path(run_dir).resolve()
     vocab_size = len(tokenizer)
     eod = _resolve_eod(tokenizer, eod_id, vocab_size)
@@ -247,6 +266,8 @@ def export_selection(
 
     prefix = megatron_dir / f"{method}_text_document"
     token_lists = _tokenize(tokenizer, [r["text"] for r in records], method)
+    if copies is not None:  # each document's tokens once per copy, in selection order
+        token_lists = (ids for ids, c in zip(token_lists, copies) for _ in range(c))
     n_docs, n_tokens = write_indexed_dataset(prefix, token_lists, eod, dtype)
     tokenizer_dir = save_tokenizer(tokenizer, megatron_dir / "tokenizer")
 

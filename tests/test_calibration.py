@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from spokes_lightning.calibration import main, overlap, rowwise_spearman
+from spokes_lightning.calibration import main, rowwise_spearman
+from spokes_lightning.selection.compare import subset_overlap_pct
 from spokes_lightning.corpus import demo_web_paths, read_documents
 from spokes_lightning.models.proxy_training import train_proxy
 from spokes_lightning.models.tokenizer import train_tokenizer
@@ -45,7 +46,8 @@ def test_rowwise_spearman_and_overlap_math():
     assert rowwise_spearman(k, -k) == pytest.approx(-1.0)
     noisy = k + rng.normal(scale=5.0, size=k.shape)
     assert -1 <= rowwise_spearman(k, noisy) < 0.9
-    assert overlap([1, 2, 3, 4], [3, 4, 5, 6]) == 50.0
+    assert subset_overlap_pct([1, 2, 3, 4], [3, 4, 5, 6]) == 50.0
+    assert subset_overlap_pct([1, 2], [2, 3, 4, 5]) == 50.0  # in percent of the smaller subset
 
 
 def test_layers_table(tiny_model, tmp_path, capsys):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spokes_lightning import UserError
-from spokes_lightning.budget import parse_budget
+from spokes_lightning.selection.budget import parse_budget
 from spokes_lightning.selectors import get_selector
 
 
@@ -100,8 +100,10 @@ def test_method_parameters_are_declared_and_checked(files, tmp_path, method, par
 def test_pipeline_specs_get_the_same_checks():
     with pytest.raises(UserError, match="unknown parameter"):
         get_selector("spokes", step=3)
+    with pytest.raises(UserError, match="parameter alpha is 'auto'"):
+        get_selector("spokes", alpha="auto")  # resolved by the driver, never by the selector
     with pytest.raises(UserError, match="alpha must be a number"):
-        get_selector("spokes", alpha="auto")
+        get_selector("spokes", alpha="high")
     assert get_selector("spokes", steps=5).params["steps"] == 5
     assert get_selector("semdedup", n_clusters=2.0).params["n_clusters"] == 2
 

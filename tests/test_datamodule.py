@@ -14,7 +14,7 @@ import pytest
 
 from spokes_lightning.datamodule import SelectedDataModule, plan_epoch
 from spokes_lightning.errors import UserError
-from spokes_lightning.selection_artifact import write_selection
+from spokes_lightning.selection.artifact import write_selection
 from spokes_lightning.selectors import SelectionResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,33 @@ def test_single_process_serves_only_selected(tmp_path):
             check_epoch(segs, dict(docs), set(chosen), tokenizer)
             epochs.append(segs)
         assert epochs[0] != epochs[1]  # reshuffled per epoch
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_multiplicities_serve_each_copy_once_per_epoch(tmp_path, world):
+    docs = make_docs(seed=world)
+    tokenizer = make_tokenizer()
+    ids = [doc_id for doc_id, _ in docs]
+    rows = np.array([3, 7, 1, 20, 11])
+    copies = np.array([3, 1, 2, 1, 4])
+    result = SelectionResult(indices=rows, multiplicity=copies)
+    artifact = write_selection(tmp_path, "copies", result, ids, {}, 0, {})
+    expected = {ids[r]: int(c) for r, c in zip(rows, copies)}
+    for selection in (artifact, expected):
+        served = defaultdict(int)
+        for rank in range(world):
+            dm = SelectedDataModule(docs, selection, tokenizer, seq_length=8, batch_size=2, seed=0)
+            dm._rank_world = lambda rank=rank: (rank, world)
+            for batch in dm.train_dataloader():
+                for seq in batch["segments"]:
+                    for doc_id, start, stop in seq:
+                        served[doc_id] += stop - start
+        for doc_id, c in expected.items():
+            n = len(tokenizer(dict(docs)[doc_id], add_special_tokens=False)["input_ids"]) + 1
+            assert served[doc_id] == c * n, doc_id
+        assert set(served) == set(expected)
+    with pytest.raises(UserError, match="copies must be integers >= 1"):
+        SelectedDataModule(docs, {ids[0]: 0}, tokenizer, seq_length=8, batch_size=2).setup()
 
 
 def test_eos_separates_documents():

@@ -57,9 +57,9 @@ def test_gold_answer_text_is_part_of_the_item_ngrams(item_words):
     question_tail = question_words[1:-1][-(13 - len(answer_words)):]
     doc = f"{FILLER_BEFORE} {' '.join(question_tail + answer_words)} {FILLER_AFTER}"
     index = EvalNgramIndex([item.gold_text()], n=13)
-    assert index.overlaps(doc)
+    assert index.shares_ngram(doc)
     wrong = [c for i, c in enumerate(item.continuations) if i != item.gold][0]
-    assert not index.overlaps(f"{' '.join(question_tail)} {wrong} zzz")
+    assert not index.shares_ngram(f"{' '.join(question_tail)} {wrong} zzz")
 
 
 def test_contamination_by_selection_counts_per_selection(eval_texts, item_words):

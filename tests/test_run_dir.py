@@ -343,3 +343,33 @@ def test_source_mix_shows_the_top_sources_and_other(finished):
     row = next(line for line in report.splitlines() if line.startswith("| random |") and "%" in line)
     mix = next(cell for cell in row.split(" | ") if "site-" in cell)
     assert mix.count("site-") == 3 and "other (" in mix and len(mix) < 100
+
+
+# ----------------------------------------------------------------------------- a selector in one file
+
+
+def test_plugin_selector_runs_through_the_pipeline(finished, corpus, tmp_path):
+    """tests/plugins/domain_quota.py (domains + multiplicities) through select and export, with
+    domains as k-means clusters of the embeddings; no other module names it."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from spokes_lightning.selection.artifact import read_selection
+
+    plugin = os.path.join(os.path.dirname(__file__), "plugins", "domain_quota.py")
+    run_dir = copy_of(finished, tmp_path)
+    r = launch(run_dir, corpus, f"+selection.plugins=[{plugin}]", "selection.methods=[random,domain_quota]",
+               "+selection.specs.domain_quota={selector: domain_quota}", "+selection.domains={kmeans: 3}",
+               "stages=[corpus,tokenizer,proxy,features,select,export]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "features: cached" in r.stderr
+    sel = read_selection(run_dir / "selections" / "domain_quota")
+    marker = json.loads((run_dir / "stages" / "select.json").read_text())["outputs"]["methods"]["domain_quota"]
+    assert sel.copies().tolist().count(2) == 3 and sel.manifest["n_copies"] == len(sel.ids) + 3
+    assert marker["n_copies"] == len(sel.ids) + 3 and sel.manifest["stats"]["n_domains"] == 3
+    export = json.loads((run_dir / "stages" / "export.json").read_text())["outputs"]["domain_quota"]
+    data = IndexedDataset(str(run_dir / export["megatron_prefix"]))
+    assert len(data) == len(sel.ids) + 3  # each domain's best document twice in the Megatron data
+    assert (data[0] == data[1]).all() and not (data[1].shape == data[2].shape and (data[1] == data[2]).all())
+    bad = launch(copy_of(finished, tmp_path, "bad"), corpus, "selection.methods=[domain_quota]",
+                 "+selection.specs.domain_quota={selector: domain_quota}", EARLY)
+    assert "unknown method 'domain_quota'" in one_error_line(bad)  # without the plugin: one line, before work

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spokes_lightning.errors import UserError
-from spokes_lightning.selection_artifact import (
+from spokes_lightning.selection.artifact import (
     array_sha256,
     file_sha256,
     read_selection,

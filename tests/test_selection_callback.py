@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from spokes_lightning.errors import UserError
-from spokes_lightning.selection_artifact import read_selection
-from spokes_lightning.selectors import available_methods
+from spokes_lightning.selection.artifact import read_selection
 
 # The predict run is a standalone script so Lightning's DDP launcher can re-run it per rank.
 SCRIPT = r'''
@@ -24,7 +23,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-import spokes_lightning.callbacks.selection as selection_module
+import spokes_lightning.selection.driver as selection_module
 from spokes_lightning.callbacks import SelectionCallback
 from spokes_lightning.features.store import FeatureStoreWriter
 
@@ -126,10 +125,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def methods() -> dict:
-    chosen = {"random": {}, "quality": {}, "semdedup": {"n_clusters": 4, "progress": False}}
-    if "spokes" in available_methods():
-        chosen["spokes"] = {"steps": 3, "log": None}
-    return chosen
+    return {"random": {}, "quality": {}, "semdedup": {"n_clusters": 4, "progress": False},
+            "spokes": {"steps": 3, "log": None}}
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ class EvalNgramIndex:
         for text in eval_texts:
             self.hashes |= ngram_hashes(text, n)
 
-    def overlaps(self, text: str) -> bool:
+    def shares_ngram(self, text: str) -> bool:
         """True if ``text`` shares at least one n-gram with an evaluation item."""
         tokens, n, hashes = word_tokens(text), self.n, self.hashes
         return any(hash(tuple(tokens[i:i + n])) in hashes for i in range(len(tokens) - n + 1))
@@ -111,7 +111,7 @@ def contaminated_documents(documents, eval_texts=None, n: int = DEFAULT_N,
         index = EvalNgramIndex(eval_item_texts() if eval_texts is None else eval_texts, n)
     pairs = _id_text_pairs(documents)
     flagged = [doc_id for doc_id, text in progress(pairs, "decontamination")
-               if index.overlaps(text)]
+               if index.shares_ngram(text)]
     return ContaminationResult(n_documents=len(pairs), contaminated_ids=flagged)
 
 

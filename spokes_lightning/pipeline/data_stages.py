@@ -32,15 +32,15 @@ def load_documents(path: Path) -> list[Document]:
 
 
 def pool_documents(ctx: RunContext) -> list[Document]:
-    if "pool" not in ctx.cache:
-        ctx.cache["pool"] = load_documents(ctx.run_dir / ctx.output("corpus")["pool"])
-    return ctx.cache["pool"]
+    if "pool" not in ctx.documents:
+        ctx.documents["pool"] = load_documents(ctx.run_dir / ctx.output("corpus")["pool"])
+    return ctx.documents["pool"]
 
 
 def validation_documents(ctx: RunContext) -> list[Document]:
-    if "validation" not in ctx.cache:
-        ctx.cache["validation"] = load_documents(ctx.run_dir / ctx.output("corpus")["validation"])
-    return ctx.cache["validation"]
+    if "validation" not in ctx.documents:
+        ctx.documents["validation"] = load_documents(ctx.run_dir / ctx.output("corpus")["validation"])
+    return ctx.documents["validation"]
 
 
 def read_corpus(data) -> list[Document]:
@@ -107,7 +107,7 @@ class CorpusStage(Stage):
         write_documents(ctx.path("corpus", "pool.jsonl.gz"), pool)
         write_documents(ctx.path("corpus", "validation.jsonl.gz"), val)
         # later stages read the files back, in this process as in a resumed one
-        ctx.cache.pop("pool", None), ctx.cache.pop("validation", None)
+        ctx.documents.clear()
         sources = {}
         for d in pool:
             sources[d.source] = sources.get(d.source, 0) + 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..budget import budget_to_count, parse_budget
+from ..selection.budget import budget_to_count, parse_budget
 from ..errors import UserError
 from .stage import to_plain
 
@@ -54,24 +54,22 @@ def check_run_dir(run_dir) -> None:
         raise UserError(f"run_dir {path} is not writable ({existing}: {exc.strerror or exc})") from None
 
 
-def check_method_specs(specs: dict, methods) -> None:
+def check_method_specs(specs: dict, methods, plugins=()) -> None:
     """Every method spec names a known selector with declared, valid parameters."""
-    from ..selectors import get_selector
+    from ..selection.driver import check_spec
+    from ..selectors import load_plugins
 
+    load_plugins(plugins)
     for m in methods:
         if m not in specs:
             raise UserError(f"unknown method '{m}' in selection.methods; known: {', '.join(sorted(specs))}")
-        spec = dict(specs[m])
-        if "selector" not in spec:
-            raise UserError(f"selection.specs.{m} needs a 'selector' key")
-        if spec.get("alpha") == "auto":
-            spec["alpha"] = 0.0  # resolved by the alpha sweep at select time
-        get_selector(spec.pop("selector"), **spec)
+        check_spec(m, dict(specs[m]))
 
 
 def check_config(cfg) -> None:
     check_run_dir(cfg.run_dir)
-    check_method_specs(to_plain(cfg.selection.specs), cfg.selection.methods)
+    check_method_specs(to_plain(cfg.selection.specs), cfg.selection.methods,
+                       to_plain(cfg.selection.get("plugins")) or [])
     if cfg.stages is not None:
         known = known_stages()
         for s in cfg.stages:

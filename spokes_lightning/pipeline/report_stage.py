@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,12 @@ import numpy as np
 from ..atomic import write_json_atomic, write_text_atomic
 from ..evaluation.tasks import TASK_LABELS
 from ..features.store import open_feature_store
-from ..selection_artifact import read_selection
+from ..selection.artifact import read_selection
 from ..vendi import batch_vendi_score, vendi_score
 from . import plots
 from .data_stages import pool_documents
-from .select_stage import aligned_pool, ordered_methods, overlap
+from ..selection.compare import subset_overlap_pct
+from .select_stage import ordered_methods, selection_pool, spokes_method
 from .stage import RunContext, Stage
 
 #: the report's source-mix column names this many sources, the rest as "other"
@@ -112,7 +114,7 @@ def source_mix(counts: dict[str, int], top: int = SOURCE_MIX_TOP) -> str:
 def selection_table(ctx: RunContext, summary: dict) -> str:
     methods = list(summary["methods"])
     ids = {m: np.asarray(read_selection(ctx.run_dir / summary["methods"][m]["selection"]).indices) for m in methods}
-    pool = aligned_pool(ctx)
+    pool = selection_pool(ctx)
     source_of = {d.id: d.source for d in pool_documents(ctx)}
     head = ("| Method | n selected | tokens | epochs | G-Vendi | G-Vendi (indep. proj.) | batch G-Vendi | "
             "mean quality | mean length | source mix | " + " | ".join(f"overlap {m} %" for m in methods) + " |\n")
@@ -128,7 +130,7 @@ def selection_table(ctx: RunContext, summary: dict) -> str:
         lines.append(f"| {m} | {s['n_selected']} | {s['n_tokens']} | {fmt(s['epochs'], '.2f')} | {s['gvendi']:.1f} | "
                      f"{fmt(s['gvendi_independent'], '.1f')} | {s['batch_gvendi']:.1f} | {s['mean_quality']:.3f} | "
                      f"{s['mean_length']:.0f} | {mix} | "
-                     + " | ".join(f"{overlap(ids[m], ids[o]):.0f}" for o in methods) + " |\n")
+                     + " | ".join(f"{subset_overlap_pct(ids[m], ids[o]):.0f}" for o in methods) + " |\n")
     return head + "".join(lines)
 
 
@@ -155,16 +157,10 @@ class ReportStage(Stage):
     def handed_on(self, outputs):
         return [outputs["summary"], outputs["report"], *outputs["figures"].values()]
 
-    def finish(self, ctx, outputs):
-        """summary.json gets every stage's wall time, this stage's own included."""
-        path = ctx.run_dir / outputs["summary"]
-        summary = json.loads(path.read_text())
-        summary["stage_seconds"] = dict(ctx.cache.get("stage_seconds", {}))
-        write_json_atomic(path, summary)
-
     def run(self, ctx):
+        started = time.perf_counter()
         cfg = ctx.cfg
-        pool = aligned_pool(ctx)
+        pool = selection_pool(ctx)
         feats = ctx.output("features")
         independent = (open_feature_store(ctx.run_dir / feats["gradients_independent"])
                        if feats.get("gradients_independent") else None)
@@ -174,13 +170,15 @@ class ReportStage(Stage):
             "n_documents": len(pool.ids),
             "batch_gvendi": {"batch_size": int(cfg.report.batch_gvendi.batch_size),
                              "batches": int(cfg.report.batch_gvendi.batches)},
-            "stage_seconds": dict(ctx.cache.get("stage_seconds", {})),
+            "stage_seconds": {},  # filled in last: every stage's wall time, this one's included
             "methods": {m: method_summary(ctx, m, select["methods"][m], pool, independent)
                         for m in ordered_methods(cfg, select["methods"])},
         }
         figures = self.figures(ctx, pool, select, summary)
+        report = self.markdown(ctx, summary, figures)
+        summary["stage_seconds"] = {**ctx.stage_seconds, self.name: time.perf_counter() - started}
         write_json_atomic(ctx.run_dir / "summary.json", summary)
-        write_text_atomic(ctx.run_dir / "report.md", self.markdown(ctx, summary, figures))
+        write_text_atomic(ctx.run_dir / "report.md", report)
         if cfg.wandb.enabled:
             from .wandb_log import log_comparison
 
@@ -190,15 +188,16 @@ class ReportStage(Stage):
     def figures(self, ctx, pool, select, summary) -> dict:
         out = {}
         fig_dir = ctx.run_dir / "figures"
-        if "spokes" in select["methods"]:
+        spokes = spokes_method(ctx.cfg)
+        if spokes is not None:
             from .figure_data import representation_table, rounding_curves
-            from .select_stage import spokes_params
 
-            params, seed = spokes_params(ctx.cfg), int(ctx.cfg.seed)
+            name, params = spokes
+            seed = int(ctx.cfg.seed)
             ks, curves, rand = rounding_curves(pool.inputs.features, params, seed)
             plots.gvendi_vs_k(fig_dir / "fig3_gvendi_vs_k.png", ks, curves, rand)
             out["fig3"] = "figures/fig3_gvendi_vs_k.png"
-            spokes_rows = read_selection(ctx.run_dir / select["methods"]["spokes"]["selection"]).indices
+            spokes_rows = read_selection(ctx.run_dir / select["methods"][name]["selection"]).indices
             summary["rounding_curves"] = {"k": ks, "random": rand, **curves}
             summary["representations"] = representation_table(pool.inputs.features, pool.inputs.embeddings,
                                                                np.asarray(spokes_rows), params, seed)

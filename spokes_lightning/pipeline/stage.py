@@ -33,7 +33,10 @@ class RunContext:
     cfg: DictConfig
     run_dir: Path
     results: dict[str, dict] = field(default_factory=dict)  # stage name -> its outputs
-    cache: dict[str, Any] = field(default_factory=dict)  # in-process objects (documents, ...)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of every stage so far
+    # objects read once per process from the stages' files (see data_stages / select_stage)
+    documents: dict[str, list] = field(default_factory=dict)  # "pool" / "validation" -> Documents
+    selection_pool: Any = None  # spokes_lightning.selection.pool.SelectionPool
     keys: dict[str, str] = field(default_factory=dict)  # stage name -> its cache key in this run
     ran: list[str] = field(default_factory=list)  # stages run by this process
     cached: list[str] = field(default_factory=list)  # stages taken from run_dir
@@ -78,9 +81,6 @@ class Stage:
     def outdated(self, cfg: DictConfig, run_dir: Path, outputs: dict) -> str | None:
         """Why cached outputs written by an older version cannot serve ``cfg`` (None: they can)."""
         return None
-
-    def finish(self, ctx: RunContext, outputs: dict) -> None:
-        """Called after :meth:`run` once its wall time is in ``ctx.cache["stage_seconds"]``."""
 
 
 def _key(settings: Any, upstream: list[str]) -> str:
@@ -134,8 +134,7 @@ def run_pipeline(stages: list[Stage], cfg: DictConfig, selected: list[str] | Non
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
-    seconds: dict[str, float] = {}
-    ctx.cache["stage_seconds"] = seconds
+    seconds = ctx.stage_seconds
     names = [s.name for s in stages]
     for name in selected or []:
         if name not in names:
@@ -171,7 +170,6 @@ def run_pipeline(stages: list[Stage], cfg: DictConfig, selected: list[str] | Non
         outputs = json_round_trip(stage.run(ctx))  # the same values whether used now or read back later
         seconds[stage.name] = time.perf_counter() - t
         ctx.results[stage.name] = outputs
-        stage.finish(ctx, outputs)
         files = record_outputs(run_dir, stage.handed_on(outputs))
         if same_key and _content(old.get("files"), stage) != _content(files, stage):
             superseded.add(stage.name)

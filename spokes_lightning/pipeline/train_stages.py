@@ -3,16 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..selection_artifact import read_selection
+from ..selection.artifact import read_selection
 from .data_stages import export_tokenizer, pool_documents, validation_documents
 from .select_stage import ordered_methods
 from .stage import RunContext, Stage, log
 
 
 def _selected_documents(ctx: RunContext, method: str):
+    """(the method's documents in selection order, the copies of each)."""
     sel = read_selection(ctx.run_dir / ctx.output("select")["methods"][method]["selection"])
     by_id = {d.id: d for d in pool_documents(ctx)}
-    return [by_id[i] for i in sel.ids]
+    return [by_id[i] for i in sel.ids], sel.copies()
 
 
 class ExportStage(Stage):
@@ -36,8 +37,8 @@ class ExportStage(Stage):
         out = {}
         e = ctx.cfg.export
         for method in ordered_methods(ctx.cfg, ctx.output("select")["methods"]):
-            docs = _selected_documents(ctx, method)
-            res = export_selection(docs, [d.id for d in docs], method, ctx.run_dir, tok,
+            docs, copies = _selected_documents(ctx, method)
+            res = export_selection(docs, [d.id for d in docs], method, ctx.run_dir, tok, copies=copies,
                                    seq_length=int(e.seq_length), global_batch_size=int(e.global_batch_size),
                                    lr=float(e.lr), train_tokens=float(e.train_tokens))
             out[method] = {"n_docs": res.n_docs, "n_tokens": res.n_tokens_without_eod,

@@ -1,5 +1,6 @@
-"""Data selectors, one file each, registered by name (see :mod:`.base`)."""
+"""Data selectors, one file each, registered by name (see :mod:`.base` and :mod:`.discovery`)."""
 from .base import (  # noqa: F401
+    INPUT_HINTS,
     SELECTORS,
     Param,
     SelectionInputs,
@@ -8,5 +9,7 @@ from .base import (  # noqa: F401
     available_methods,
     get_selector,
     register,
+    selector_class,
     top_k_indices,
 )
+from .discovery import load_plugins  # noqa: F401

@@ -18,29 +18,68 @@ import numpy as np
 from ..errors import UserError
 
 
+#: every input a selector may read, with the line that tells a user how to provide it
+INPUT_HINTS = {
+    "features": "gradient features (the features stage, or --features)",
+    "embeddings": "sentence embeddings (the features stage, or --embeddings)",
+    "quality": "one quality score per document (the features stage, or --quality)",
+    "quality_scores": "named quality scores (the features stage, or --quality NAME=FILE)",
+    "domains": "a domain label per document (a 'source'/'domain' field, selection.domains, or --domains)",
+    "lengths": "token counts per document (the tokenizer stage, or --lengths)",
+    "ids": "document ids",
+}
+
+
 @dataclass
 class SelectionInputs:
-    """What a selector may read. Arrays may be ``np.memmap`` (read-only, N rows each)."""
+    """What a selector may read, N rows each. Arrays may be read-only ``np.memmap``.
+
+    ``quality`` is the primary score (the one quality-only baselines rank by);
+    ``quality_scores`` holds every named score (``{"dclm": ..., "fineweb_edu": ...}``), the
+    primary one included. ``domains`` are int64 labels into ``domain_names``.
+    """
 
     features: np.ndarray | None = None  # N x d gradient features (SPOKES, G-Vendi)
     embeddings: np.ndarray | None = None  # N x e sentence embeddings (SemDeDup, clusters)
-    quality: np.ndarray | None = None  # N quality scores
+    quality: np.ndarray | None = None  # N primary quality scores
     ids: list[str] | None = None  # N document ids
     lengths: np.ndarray | None = None  # N token counts
+    quality_scores: dict[str, np.ndarray] | None = None  # name -> N scores
+    domains: np.ndarray | None = None  # N int64 labels
+    domain_names: list[str] | None = None  # label -> name
 
     @property
     def n(self) -> int:
-        for a in (self.features, self.embeddings, self.quality, self.ids, self.lengths):
+        for a in (self.features, self.embeddings, self.quality, self.ids, self.lengths, self.domains):
             if a is not None:
                 return len(a)
+        for a in (self.quality_scores or {}).values():
+            return len(a)
         raise UserError("selection inputs are empty: give features, embeddings or quality")
+
+    def rows(self, start: int, stop: int) -> "SelectionInputs":
+        """The inputs of rows [start, stop) (a rank's shard for collective selectors)."""
+        cut = {name: (None if value is None else value[start:stop])
+               for name, value in vars(self).items() if name not in ("quality_scores", "domain_names")}
+        scores = None if self.quality_scores is None else {
+            name: v[start:stop] for name, v in self.quality_scores.items()}
+        return SelectionInputs(**cut, quality_scores=scores, domain_names=self.domain_names)
 
 
 @dataclass
 class SelectionResult:
+    """What a selector chose: rows best first, and how often / how heavily each is taken.
+
+    ``multiplicity[i]`` is how many copies of row ``indices[i]`` the training data holds
+    (QuaDMix's sampling gives several; None means one each); ``weights[i]`` an optional
+    per-selected-document weight. ``scores`` covers the whole pool (N), higher = better.
+    """
+
     indices: np.ndarray  # int64, best first where the method ranks, else ascending
     scores: np.ndarray | None = None  # per-document score / weight (N), higher = better
     stats: dict[str, Any] = field(default_factory=dict)
+    multiplicity: np.ndarray | None = None  # int64 >= 1, aligned with indices
+    weights: np.ndarray | None = None  # float, aligned with indices
 
 
 @dataclass(frozen=True)
@@ -57,11 +96,17 @@ class Param:
     check: Callable[[Any], bool] | None = None
     rule: str = ""
     choices: tuple[str, ...] | None = None
+    #: the value "auto" is allowed: the driver resolves it before the selector is built
+    #: (``selection.<key>`` when that is set, else the selector's :meth:`Selector.resolve_auto`)
+    auto: bool = False
 
     def parse(self, method: str, key: str, value: Any) -> Any:
         where = f"method '{method}': parameter {key}"
         if value is None and self.default is None:
             return None
+        if value == "auto" and self.auto:
+            raise UserError(f"{where} is 'auto', which is resolved by the pipeline's select stage; "
+                            "give a number here")
         if self.kind is object:
             return value
         if self.kind is bool:
@@ -100,8 +145,13 @@ class Selector(ABC):
     """
 
     name: ClassVar[str]
-    #: which fields of SelectionInputs must be present, e.g. ("features",) or ("quality",)
+    #: which fields of SelectionInputs must be present, e.g. ("features",) or ("domains", "quality")
     requires: ClassVar[tuple[str, ...]] = ()
+    #: fields read when present (e.g. SPOKES reads quality when alpha > 0); recorded in the manifest
+    reads: ClassVar[tuple[str, ...]] = ()
+    #: True when select() calls torch.distributed collectives itself: every rank calls it with
+    #: its row shard (the driver cuts the shards); otherwise rank 0 alone selects
+    collective: ClassVar[bool] = False
     #: which field the CLI's ``--features`` file fills for this method
     feature_field: ClassVar[str] = "features"
     #: one-line description shown by ``spokes select --help``
@@ -120,7 +170,18 @@ class Selector(ABC):
     def check_inputs(self, inputs: SelectionInputs) -> None:
         for name in self.requires:
             if getattr(inputs, name) is None:
-                raise UserError(f"method '{self.name}' needs {name}")
+                raise UserError(f"method '{self.name}' needs {name}: {INPUT_HINTS.get(name, name)}")
+
+    @classmethod
+    def resolve_auto(cls, key: str, params: dict[str, Any], pool, k: int, seed: int,
+                     options: dict[str, Any]) -> tuple[Any, dict | None]:
+        """The value of parameter ``key`` given as "auto": (value, a record for the report or None).
+
+        ``pool`` is the :class:`~spokes_lightning.selection.pool.SelectionPool`, ``k`` the
+        document budget, ``params`` the method's other settings and ``options`` the caller's
+        settings for auto resolution (e.g. ``alpha_grid``). Called on every rank.
+        """
+        raise UserError(f"method '{cls.name}': parameter {key} cannot be 'auto'")
 
     @abstractmethod
     def select(self, inputs: SelectionInputs, k: int, seed: int = 0) -> SelectionResult:
@@ -131,21 +192,36 @@ SELECTORS: dict[str, type[Selector]] = {}
 
 
 def register(cls: type[Selector]) -> type[Selector]:
+    """Class decorator: make ``cls`` available under ``cls.name`` (a clash is an error)."""
+    known = SELECTORS.get(cls.name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise UserError(f"two selectors are named '{cls.name}': {known.__module__} and {cls.__module__}")
     SELECTORS[cls.name] = cls
     return cls
 
 
 def get_selector(name: str, **params: Any) -> Selector:
-    from . import load_all  # noqa: F401  (import side effect: registration)
+    from .discovery import load_selectors
 
+    load_selectors()
     if name not in SELECTORS:
         raise UserError(f"unknown method '{name}'; available: {', '.join(available_methods())}")
     return SELECTORS[name](**params)
 
 
-def available_methods() -> list[str]:
-    from . import load_all  # noqa: F401
+def selector_class(name: str) -> type[Selector]:
+    from .discovery import load_selectors
 
+    load_selectors()
+    if name not in SELECTORS:
+        raise UserError(f"unknown method '{name}'; available: {', '.join(available_methods())}")
+    return SELECTORS[name]
+
+
+def available_methods() -> list[str]:
+    from .discovery import load_selectors
+
+    load_selectors()
     return sorted(SELECTORS)
 
 

@@ -2,10 +2,15 @@
 
 Layout of ``<out_dir>/<method>/``::
 
-    indices.npy     int64 row indices into the pool, in the selector's order (best first)
-    ids.json        the selected document ids, same order (a JSON list)
-    scores.npy      per-pool-document scores (only if the selector gives any)
-    manifest.json   method, params, seed, sha256 of the input features, counts, tokens, stats, time
+    indices.npy       int64 row indices into the pool, in the selector's order (best first), unique
+    ids.json          the selected document ids, same order (a JSON list)
+    multiplicity.npy  int64 copies of each selected document (1 for most methods), same order
+    weights.npy       per-selected-document weights (only if the selector gives any), same order
+    scores.npy        per-pool-document scores (only if the selector gives any)
+    manifest.json     method, params, seed, input hashes, counts, copies, tokens, stats, time
+
+Training (SelectedDataModule, the Megatron export, the token accounting) takes document
+``ids[i]`` ``multiplicity[i]`` times.
 
 Every file is written through a temp file + rename, and ``manifest.json`` is written last
 (after removing a stale one), so a directory with a manifest is always a complete selection.
@@ -21,8 +26,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .atomic import save_npy_atomic, write_json_atomic
-from .errors import UserError
+from ..atomic import save_npy_atomic, write_json_atomic
+from ..errors import UserError
 
 MANIFEST = "manifest.json"
 _HASH_ROWS = 65_536
@@ -59,6 +64,18 @@ class Selection:
     ids: list[str]
     scores: np.ndarray | None
     manifest: dict[str, Any]
+    multiplicity: np.ndarray | None = None  # copies per selected document (None: one each)
+    weights: np.ndarray | None = None
+
+    def copies(self) -> np.ndarray:
+        """int64 copies of each selected document (ones when the artifact has none)."""
+        if self.multiplicity is None:
+            return np.ones(len(self.indices), dtype=np.int64)
+        return self.multiplicity
+
+    def id_counts(self) -> dict[str, int]:
+        """``{document id: copies}`` in selection order."""
+        return dict(zip(self.ids, self.copies().tolist()))
 
 
 def write_selection(
@@ -77,7 +94,13 @@ def write_selection(
     if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= n_pool)):
         raise ValueError(f"{method}: selection indices out of range for a pool of {n_pool}")
     if len(np.unique(indices)) != len(indices):
-        raise ValueError(f"{method}: selection indices contain duplicates")
+        raise ValueError(f"{method}: selection indices contain duplicates (use multiplicity for copies)")
+    copies = check_multiplicity(method, result, len(indices))
+    weights = getattr(result, "weights", None)
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != indices.shape or not np.isfinite(weights).all():
+            raise ValueError(f"{method}: weights must be finite and one per selected document")
     target = Path(out_dir) / method
     target.mkdir(parents=True, exist_ok=True)
     stale = target / MANIFEST
@@ -85,11 +108,12 @@ def write_selection(
         stale.unlink()
     save_npy_atomic(target / "indices.npy", indices)
     write_json_atomic(target / "ids.json", [ids[i] for i in indices])
-    scores_file = target / "scores.npy"
-    if result.scores is not None:
-        save_npy_atomic(scores_file, np.asarray(result.scores))
-    elif scores_file.exists():
-        scores_file.unlink()
+    save_npy_atomic(target / "multiplicity.npy", copies)
+    for name, values in (("scores.npy", result.scores), ("weights.npy", weights)):
+        if values is not None:
+            save_npy_atomic(target / name, np.asarray(values))
+        elif (target / name).exists():
+            (target / name).unlink()
     manifest = {
         "method": method,
         "params": _jsonable(params),
@@ -97,6 +121,7 @@ def write_selection(
         "input_hashes": dict(input_hashes),
         "n_pool": n_pool,
         "n_selected": int(len(indices)),
+        "n_copies": int(copies.sum()),
         "tokens_selected": None if tokens_selected is None else int(tokens_selected),
         "stats": _jsonable(result.stats),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -117,6 +142,10 @@ def read_selection(path: str | Path, corpus_ids: Iterable[str] | None = None) ->
         raise UserError(f"selection at {path} is inconsistent: {len(ids)} ids, "
                         f"{len(indices)} indices, manifest says {manifest.get('n_selected')}")
     scores = np.load(path / "scores.npy") if (path / "scores.npy").exists() else None
+    multiplicity = np.load(path / "multiplicity.npy") if (path / "multiplicity.npy").exists() else None
+    if multiplicity is not None and (multiplicity.shape != indices.shape or (multiplicity < 1).any()):
+        raise UserError(f"selection at {path} has a multiplicity.npy that does not match its indices")
+    weights = np.load(path / "weights.npy") if (path / "weights.npy").exists() else None
     if corpus_ids is not None:
         known = set(corpus_ids)
         missing = [i for i in ids if i not in known]
@@ -124,11 +153,22 @@ def read_selection(path: str | Path, corpus_ids: Iterable[str] | None = None) ->
             raise UserError(f"selection at {path} names {len(missing)} id(s) not in the corpus, "
                             f"e.g. {missing[0]!r}")
     return Selection(path=path, method=manifest.get("method", path.name), indices=indices,
-                     ids=ids, scores=scores, manifest=manifest)
+                     ids=ids, scores=scores, manifest=manifest, multiplicity=multiplicity, weights=weights)
+
+
+def check_multiplicity(method: str, result, n_selected: int) -> np.ndarray:
+    """The result's copies per selected row as int64 >= 1 (ones when it gives none)."""
+    multiplicity = getattr(result, "multiplicity", None)
+    if multiplicity is None:
+        return np.ones(n_selected, dtype=np.int64)
+    m = np.asarray(multiplicity)
+    if m.shape != (n_selected,) or m.dtype.kind not in "iu" or (m < 1).any():
+        raise ValueError(f"{method}: multiplicity must be integers >= 1, one per selected document")
+    return m.astype(np.int64)
 
 
 def _jsonable(obj):
     """Round-trip through JSON so numpy scalars / arrays become plain values."""
-    from .atomic import _json_default
+    from ..atomic import _json_default
 
     return json.loads(json.dumps(obj, default=_json_default))

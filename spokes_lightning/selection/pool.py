@@ -1,0 +1,148 @@
+"""The selection pool: every input of every selector, joined once by document id.
+
+Each source (a feature store, a score file, the corpus's lengths or domain field) comes as
+``(ids, values)``. :meth:`SelectionPool.join` keeps the documents of the first source that
+every other source has and whose quality scores are finite, in the first source's order, and
+aligns every array to that order. Arrays already in that order are not copied (a memmapped
+gradient store stays on disk). The pipeline's select stage, the Lightning callback and the
+``spokes select`` CLI all build their pool here, so they agree on rows and on input hashes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from ..selectors.base import INPUT_HINTS, SelectionInputs, Selector
+from .artifact import array_sha256
+
+#: fields hashed into every selection manifest (when present), the same for every entry point
+HASHED_FIELDS = ("features", "embeddings", "quality", "domains")
+Source = tuple[Sequence[str], Any]
+
+
+@dataclass
+class SelectionPool:
+    inputs: SelectionInputs
+    n_unselectable: int = 0  # documents of the corpus that cannot be selected (no features, ...)
+    #: computes a missing field on first use, e.g. {"domains": clusters of the embeddings}
+    providers: dict[str, Callable[["SelectionPool"], Any]] = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)  # selections computed in this process (driver.run_selector)
+    _hashes: dict = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.inputs.ids
+
+    @property
+    def n(self) -> int:
+        return len(self.inputs.ids)
+
+    @property
+    def lengths(self) -> np.ndarray | None:
+        return self.inputs.lengths
+
+    def inputs_for(self, selector: Selector) -> SelectionInputs:
+        """The inputs, with every field the selector requires present (one line if one is missing)."""
+        for name in selector.requires:
+            if getattr(self.inputs, name) is None and name in self.providers:
+                self.provide(name)
+            if getattr(self.inputs, name) is None:
+                raise UserError(f"method '{selector.name}' needs {name}: {INPUT_HINTS.get(name, name)}")
+        return self.inputs
+
+    def provide(self, name: str) -> None:
+        value = self.providers[name](self)
+        if name == "domains":
+            self.inputs.domains, self.inputs.domain_names = value
+        else:
+            setattr(self.inputs, name, value)
+
+    def input_hashes(self) -> dict[str, str]:
+        """sha256 of every present input array in pool order (:data:`HASHED_FIELDS` + named scores)."""
+        arrays = {f: getattr(self.inputs, f) for f in HASHED_FIELDS}
+        arrays.update({f"quality_scores.{k}": v for k, v in (self.inputs.quality_scores or {}).items()})
+        for name, value in arrays.items():
+            if value is not None and name not in self._hashes:
+                self._hashes[name] = array_sha256(np.asarray(value) if not isinstance(value, np.ndarray) else value)
+        return {k: v for k, v in sorted(self._hashes.items()) if arrays.get(k) is not None}
+
+    @classmethod
+    def join(cls, sources: dict[str, Source], quality_scores: dict[str, Source] | None = None, *,
+             strict: bool = False, n_total: int | None = None,
+             labels: dict[str, str] | None = None) -> "SelectionPool":
+        """Align ``sources`` (field -> (ids, values)) and named ``quality_scores`` by document id.
+
+        ``strict``: every source must cover exactly the same documents (the callback, whose
+        stores come from one predict run); otherwise documents missing anywhere are dropped and
+        counted. ``n_total`` is the corpus size, for :attr:`n_unselectable`; ``labels`` name
+        the sources in error messages (e.g. "embeddings store runs/emb").
+        """
+        said = lambda name: (labels or {}).get(name, name)  # noqa: E731
+        sources = {k: v for k, v in sources.items() if v is not None}
+        named = {f"quality_scores.{k}": v for k, v in (quality_scores or {}).items()}
+        everything = {**sources, **named}
+        if not everything:
+            raise UserError("selection needs at least one input (features, embeddings or quality)")
+        for name in sources:
+            if name not in ("features", "embeddings", "quality", "lengths", "domains"):
+                raise UserError(f"unknown selection input '{name}'; known: {', '.join(INPUT_HINTS)}")
+        ref_name, (ref_ids, _) = next(iter(everything.items()))
+        ref_ids = [str(i) for i in ref_ids]
+        index = {}
+        for name, (ids, values) in everything.items():
+            ids = [str(i) for i in ids]
+            if len(set(ids)) != len(ids):
+                raise UserError(f"{said(name)} lists a document id more than once")
+            if len(ids) != len(values):
+                raise UserError(f"{said(name)} has {len(values)} rows but {len(ids)} ids")
+            if strict and len(ids) != len(ref_ids):
+                raise UserError(f"{said(name)} has {len(ids)} documents but {said(ref_name)} has {len(ref_ids)}")
+            if strict and set(ids) != set(ref_ids):
+                raise UserError(f"{said(name)} and {said(ref_name)} cover different documents")
+            index[name] = None if ids == ref_ids else {doc: r for r, doc in enumerate(ids)}
+        ids = [doc for doc in ref_ids if all(w is None or doc in w for w in index.values())]
+        ref_rows = {doc: r for r, doc in enumerate(ref_ids)}
+
+        def rows_of(name):
+            if index[name] is None and len(ids) == len(ref_ids):
+                return None  # already aligned: no copy
+            where = ref_rows if index[name] is None else index[name]
+            return np.array([where[doc] for doc in ids], dtype=np.int64)
+
+        aligned = {name: _gather(values, rows_of(name), vector=name not in ("features", "embeddings"))
+                   for name, (_, values) in everything.items()}
+        finite = np.ones(len(ids), dtype=bool)
+        for name in ("quality", *named):
+            if name in aligned:
+                aligned[name] = np.asarray(aligned[name], dtype=np.float64)
+                finite &= np.isfinite(aligned[name])
+        if not finite.all():  # documents without a finite score cannot be ranked: drop them
+            rows = np.flatnonzero(finite)
+            ids = [ids[r] for r in rows]
+            aligned = {name: _gather(v, rows, vector=isinstance(v, list)) for name, v in aligned.items()}
+        domains, domain_names = _labels(aligned.pop("domains")) if "domains" in aligned else (None, None)
+        scores = {k.split(".", 1)[1]: aligned.pop(k) for k in list(aligned) if k.startswith("quality_scores.")}
+        inputs = SelectionInputs(ids=ids, domains=domains, domain_names=domain_names,
+                                 quality_scores=scores or None, **aligned)
+        total = len(ref_ids) if n_total is None else int(n_total)
+        return cls(inputs=inputs, n_unselectable=total - len(ids))
+
+
+def _gather(values, rows: np.ndarray | None, vector: bool):
+    """``values[rows]`` (all rows, uncopied, when ``rows`` is None); vectors flattened."""
+    if isinstance(values, list):
+        return values if rows is None else [values[r] for r in rows]
+    if vector:
+        values = np.asarray(values)
+        values = values.reshape(-1) if values.ndim == 2 and values.shape[1] == 1 else values
+    return values if rows is None else np.asarray(values[rows])
+
+
+def _labels(values) -> tuple[np.ndarray, list[str]]:
+    """Domain labels as int64 codes into sorted unique names."""
+    names = sorted({str(v) for v in values})
+    code = {name: i for i, name in enumerate(names)}
+    return np.array([code[str(v)] for v in values], dtype=np.int64), names
