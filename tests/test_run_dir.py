@@ -357,8 +357,8 @@ def test_plugin_selector_runs_through_the_pipeline(finished, corpus, tmp_path):
 
     plugin = os.path.join(os.path.dirname(__file__), "plugins", "domain_quota.py")
     run_dir = copy_of(finished, tmp_path)
-    r = launch(run_dir, corpus, f"+selection.plugins=[{plugin}]", "selection.methods=[random,domain_quota]",
-               "+selection.specs.domain_quota={selector: domain_quota}", "+selection.domains={kmeans: 3}",
+    r = launch(run_dir, corpus, f"selection.plugins=[{plugin}]", "selection.methods=[random,domain_quota]",
+               "+selection.specs.domain_quota={selector: domain_quota}", "selection.domains.kmeans=3",
                "stages=[corpus,tokenizer,proxy,features,select,export]")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "features: cached" in r.stderr

@@ -8,7 +8,7 @@ from spokes_lightning.errors import UserError
 from spokes_lightning.selection.artifact import read_selection
 from spokes_lightning.selection.driver import Budget, check_spec, select_methods
 from spokes_lightning.selection.pool import SelectionPool
-from spokes_lightning.selectors import SelectionResult, Selector, register
+from spokes_lightning.selectors import SELECTORS, SelectionResult, Selector, register
 
 
 def test_join_aligns_by_id_drops_what_is_missing_and_keeps_aligned_arrays_uncopied(tmp_path):
@@ -67,7 +67,20 @@ def test_auto_alpha_is_fixed_by_the_caller_or_resolved_by_the_sweep(tmp_path):
         check_spec("mine", {"alpha": 0.1})
 
 
-@register
+@pytest.fixture
+def registered():
+    """Register test selectors for one test only (other tests list every registered method)."""
+    added = []
+
+    def add(cls):
+        added.append(register(cls).name)
+        return cls
+
+    yield add
+    for name in added:
+        SELECTORS.pop(name, None)
+
+
 class _Doubler(Selector):
     """Test selector: the top-k by quality, the best half taken twice, with weights."""
 
@@ -82,7 +95,8 @@ class _Doubler(Selector):
 
 
 @pytest.mark.parametrize("seed", [2, 3])
-def test_token_budget_counts_copies(tmp_path, seed):
+def test_token_budget_counts_copies(tmp_path, seed, registered):
+    registered(_Doubler)
     pool = planted_pool(seed)
     lengths = np.asarray(pool.lengths)
     budget = int(lengths.sum() * 0.2)
@@ -96,8 +110,8 @@ def test_token_budget_counts_copies(tmp_path, seed):
     assert random_budget.tokens == budget and 1 <= random_budget.k < pool.n
 
 
-def test_bad_multiplicity_is_refused(tmp_path):
-    @register
+def test_bad_multiplicity_is_refused(tmp_path, registered):
+    @registered
     class _Zero(Selector):
         name = "test_zero_copies"
 

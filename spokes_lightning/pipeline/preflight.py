@@ -80,8 +80,19 @@ def check_config(cfg) -> None:
         budget_to_count(budget, 10**9)  # range check of the fraction
     elif budget <= 0:
         raise UserError(f"selection.budget must be positive, got {budget}")
-    if cfg.selection.budget_unit not in ("documents", "tokens"):
-        raise UserError(f"selection.budget_unit must be 'documents' or 'tokens', got {cfg.selection.budget_unit!r}")
+    from ..selection.driver import BUDGET_UNITS
+
+    if cfg.selection.budget_unit not in BUDGET_UNITS:
+        raise UserError(f"selection.budget_unit must be {' or '.join(map(repr, BUDGET_UNITS))}, "
+                        f"got {cfg.selection.budget_unit!r}")
+    from ..evaluation.tasks import check_task_names
+    from ..features.registry import check_quality_source, families
+    from .select_stage import domain_rule
+
+    domain_rule(cfg)
+    check_quality_source(cfg, families())
+    if cfg.evaluate.tasks:
+        check_task_names(list(cfg.evaluate.tasks))
     alpha = cfg.selection.alpha
     if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0 <= float(alpha) <= 1):
         raise UserError(f"selection.alpha must be a number in [0, 1] or 'auto', got {alpha!r}")

@@ -53,13 +53,18 @@ def selection_pool(ctx: RunContext) -> SelectionPool:
 
 
 def domain_rule(cfg) -> dict:
-    """``selection.domains``: ``{field: NAME}`` (a record field) or ``{kmeans: K}`` (clusters)."""
+    """``selection.domains``: ``{field: NAME}`` (a record field) or ``{kmeans: K}`` (clusters; wins)."""
     rule = to_plain(cfg.selection.get("domains")) or {"field": "source"}
-    if not isinstance(rule, dict) or len(rule) != 1 or not ({"field", "kmeans"} & set(rule)):
-        raise UserError(f"selection.domains must be {{field: NAME}} or {{kmeans: K}}, got {rule!r}")
-    if "kmeans" in rule and not (isinstance(rule["kmeans"], int) and rule["kmeans"] >= 1):
-        raise UserError(f"selection.domains.kmeans must be an integer >= 1, got {rule['kmeans']!r}")
-    return rule
+    if not isinstance(rule, dict) or set(rule) - {"field", "kmeans"}:
+        raise UserError(f"selection.domains takes the keys field and kmeans, got {rule!r}")
+    k = rule.get("kmeans")
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"selection.domains.kmeans must be an integer >= 1 or null, got {k!r}")
+        return {"kmeans": k}
+    if not isinstance(rule.get("field"), str) or not rule["field"]:
+        raise UserError(f"selection.domains.field must name a record field, got {rule.get('field')!r}")
+    return {"field": rule["field"]}
 
 
 def document_domains(docs, name: str) -> list[str] | None:
