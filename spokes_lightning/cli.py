@@ -166,7 +166,20 @@ def cli_pool(args, selector_cls) -> tuple[SelectionPool, np.ndarray]:
         sources["lengths"] = (ids, lengths.astype(np.int64))
     if args.domains:
         sources["domains"] = (ids, load_domains(args.domains, n))
-    return SelectionPool.join(sources, named if len(named) > 1 or "quality" not in named else None), features
+    extras = {}
+    for item in args.extra or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--extra expects NAME=FILE, got {item!r}")
+        array = open_array(path, f"extra {name}")
+        if array.ndim and array.shape[0] == n:
+            sources[f"extras.{name}"] = (ids, array)  # per document
+        else:
+            extras[name] = array  # global (e.g. a reference direction)
+    pool = SelectionPool.join(sources, named if len(named) > 1 or "quality" not in named else None)
+    if extras:
+        pool.inputs.extras = {**(pool.inputs.extras or {}), **extras}
+    return pool, features
 
 
 def load_domains(path: str, n: int) -> list:
@@ -255,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--embeddings", help="N x e sentence embeddings .npy (methods that read them)")
     s.add_argument("--domains", help="N domain labels: .npy of integers or .json list of strings")
     s.add_argument("--lengths", help="N token counts .npy (needed by --budget-unit tokens)")
+    s.add_argument("--extra", action="append", metavar="NAME=FILE",
+                   help="a method-specific .npy (N rows: per document; otherwise global), repeatable")
     s.add_argument("--budget", required=True, help="count (400) or fraction with a point (0.1)")
     s.add_argument("--budget-unit", default="documents", choices=BUDGET_UNITS)
     s.add_argument("--alpha", type=parse_alpha, default=None, help="quality weight in [0, 1] or auto (spokes)")

@@ -22,7 +22,7 @@ from ..selection.driver import Budget, select_methods
 from ..selection.pool import SelectionPool
 from ..selectors import load_plugins, selector_class
 from ..selectors.spokes import SpokesSelector, alpha_sweep
-from .data_stages import pool_documents
+from .data_stages import export_tokenizer, pool_documents, validation_documents
 from .stage import RunContext, Stage, log, to_plain
 
 
@@ -44,10 +44,27 @@ def selection_pool(ctx: RunContext) -> SelectionPool:
     labels = document_domains(docs, rule["field"]) if "field" in rule else None
     if labels is not None:
         sources["domains"] = (doc_ids, labels)
-    pool = SelectionPool.join(sources, quality_scores={str(ctx.cfg.quality.source): (q_ids, quality)},
-                              n_total=len(docs))
+    named = {str(ctx.cfg.quality.source): (q_ids, quality)}
+    extras = {}
+    for key, value in feats.items():  # what feature families hand on under these two prefixes
+        if key.startswith("quality_scores."):  # {scores: .npy, ids: .json}: a named per-document score
+            named[key.split(".", 1)[1]] = (json.loads((ctx.run_dir / value["ids"]).read_text()),
+                                           np.load(ctx.run_dir / value["scores"]))
+        elif key.startswith("extras."):  # {array: .npy[, ids: .json]}: per document with ids, else global
+            array = np.load(ctx.run_dir / value["array"])
+            if value.get("ids"):
+                sources[key] = (json.loads((ctx.run_dir / value["ids"]).read_text()), array)
+            else:
+                extras[key.split(".", 1)[1]] = array
+    pool = SelectionPool.join(sources, quality_scores=named, n_total=len(docs))
+    if extras:
+        pool.inputs.extras = {**(pool.inputs.extras or {}), **extras}
     if "kmeans" in rule:
         pool.providers["domains"] = lambda p: embedding_clusters(p, int(rule["kmeans"]), int(ctx.cfg.seed))
+    pool.context.update(texts=lambda: [by_id[i].text for i in pool.ids], seed=int(ctx.cfg.seed),
+                        validation_texts=lambda: [d.text for d in validation_documents(ctx)],
+                        tokenizer=lambda: export_tokenizer(ctx), work_dir=ctx.run_dir / "select" / "work")
+    by_id = {d.id: d for d in docs}
     ctx.selection_pool = pool
     return pool
 

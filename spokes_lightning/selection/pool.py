@@ -30,6 +30,11 @@ class SelectionPool:
     #: computes a missing field on first use, e.g. {"domains": clusters of the embeddings}
     providers: dict[str, Callable[["SelectionPool"], Any]] = field(default_factory=dict)
     memo: dict = field(default_factory=dict)  # selections computed in this process (driver.run_selector)
+    #: what a selector that trains or reads text may use (the pipeline fills it; the CLI and the
+    #: callback leave it empty): "texts" () -> pool texts in row order, "validation_texts" () -> the
+    #: held-out texts, "tokenizer" () -> the export tokenizer, "work_dir" (a Path for scratch
+    #: runs), "seed" (the run's seed). See :meth:`need`.
+    context: dict[str, Any] = field(default_factory=dict)
     _hashes: dict = field(default_factory=dict)
 
     @property
@@ -53,6 +58,14 @@ class SelectionPool:
                 raise UserError(f"method '{selector.name}' needs {name}: {INPUT_HINTS.get(name, name)}")
         return self.inputs
 
+    def need(self, method: str, name: str):
+        """``context[name]`` (called when it is a function), or one line saying where it exists."""
+        if name not in self.context:
+            raise UserError(f"method '{method}' needs {name}, which only the pipeline's select stage "
+                            "provides (launch/run.py); give the method's settings explicitly elsewhere")
+        value = self.context[name]
+        return value() if callable(value) else value
+
     def provide(self, name: str) -> None:
         value = self.providers[name](self)
         if name == "domains":
@@ -64,6 +77,7 @@ class SelectionPool:
         """sha256 of every present input array in pool order (:data:`HASHED_FIELDS` + named scores)."""
         arrays = {f: getattr(self.inputs, f) for f in HASHED_FIELDS}
         arrays.update({f"quality_scores.{k}": v for k, v in (self.inputs.quality_scores or {}).items()})
+        arrays.update({f"extras.{k}": v for k, v in (self.inputs.extras or {}).items()})
         for name, value in arrays.items():
             if value is not None and name not in self._hashes:
                 self._hashes[name] = array_sha256(np.asarray(value) if not isinstance(value, np.ndarray) else value)
@@ -87,7 +101,7 @@ class SelectionPool:
         if not everything:
             raise UserError("selection needs at least one input (features, embeddings or quality)")
         for name in sources:
-            if name not in ("features", "embeddings", "quality", "lengths", "domains"):
+            if name not in ("features", "embeddings", "quality", "lengths", "domains") and not name.startswith("extras."):
                 raise UserError(f"unknown selection input '{name}'; known: {', '.join(INPUT_HINTS)}")
         ref_name, (ref_ids, _) = next(iter(everything.items()))
         ref_ids = [str(i) for i in ref_ids]
@@ -112,7 +126,8 @@ class SelectionPool:
             where = ref_rows if index[name] is None else index[name]
             return np.array([where[doc] for doc in ids], dtype=np.int64)
 
-        aligned = {name: _gather(values, rows_of(name), vector=name not in ("features", "embeddings"))
+        aligned = {name: _gather(values, rows_of(name),
+                                 vector=name not in ("features", "embeddings") and not name.startswith("extras."))
                    for name, (_, values) in everything.items()}
         finite = np.ones(len(ids), dtype=bool)
         for name in ("quality", *named):
@@ -125,8 +140,9 @@ class SelectionPool:
             aligned = {name: _gather(v, rows, vector=isinstance(v, list)) for name, v in aligned.items()}
         domains, domain_names = _labels(aligned.pop("domains")) if "domains" in aligned else (None, None)
         scores = {k.split(".", 1)[1]: aligned.pop(k) for k in list(aligned) if k.startswith("quality_scores.")}
+        extras = {k.split(".", 1)[1]: aligned.pop(k) for k in list(aligned) if k.startswith("extras.")}
         inputs = SelectionInputs(ids=ids, domains=domains, domain_names=domain_names,
-                                 quality_scores=scores or None, **aligned)
+                                 quality_scores=scores or None, extras=extras or None, **aligned)
         total = len(ref_ids) if n_total is None else int(n_total)
         return cls(inputs=inputs, n_unselectable=total - len(ids))
 

@@ -27,6 +27,7 @@ INPUT_HINTS = {
     "domains": "a domain label per document (a 'source'/'domain' field, selection.domains, or --domains)",
     "lengths": "token counts per document (the tokenizer stage, or --lengths)",
     "ids": "document ids",
+    "extras": "method-specific arrays (a feature family's 'extras.<name>' output, or --extra NAME=FILE)",
 }
 
 
@@ -47,6 +48,9 @@ class SelectionInputs:
     quality_scores: dict[str, np.ndarray] | None = None  # name -> N scores
     domains: np.ndarray | None = None  # N int64 labels
     domain_names: list[str] | None = None  # label -> name
+    #: method-specific arrays by name, e.g. Quad's preconditioned reference gradient (a d-vector);
+    #: an array with N rows is per document and follows the pool's rows, any other is global
+    extras: dict[str, np.ndarray] | None = None
 
     @property
     def n(self) -> int:
@@ -59,11 +63,14 @@ class SelectionInputs:
 
     def rows(self, start: int, stop: int) -> "SelectionInputs":
         """The inputs of rows [start, stop) (a rank's shard for collective selectors)."""
+        n = self.n
         cut = {name: (None if value is None else value[start:stop])
-               for name, value in vars(self).items() if name not in ("quality_scores", "domain_names")}
+               for name, value in vars(self).items() if name not in ("quality_scores", "domain_names", "extras")}
         scores = None if self.quality_scores is None else {
             name: v[start:stop] for name, v in self.quality_scores.items()}
-        return SelectionInputs(**cut, quality_scores=scores, domain_names=self.domain_names)
+        extras = None if self.extras is None else {
+            name: v[start:stop] if len(np.shape(v)) and np.shape(v)[0] == n else v for name, v in self.extras.items()}
+        return SelectionInputs(**cut, quality_scores=scores, domain_names=self.domain_names, extras=extras)
 
 
 @dataclass
