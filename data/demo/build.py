@@ -15,6 +15,7 @@ Outputs (see ``data/demo/README.md``):
   and ``legal_score`` for FineWeb rows;
 * ``quality/dclm_human_labels.jsonl.gz`` -- the 499 DCLM human quality labels;
 * ``eval/<task>.jsonl.gz`` -- 300 ``test`` + 100 ``val`` items per OLMES task (+ MMLU ``dev``);
+* ``reference/lambada_openai.jsonl.gz`` -- 500 LAMBADA (OpenAI) items, Quad's reference set;
 * ``manifest.json`` -- counts and sha256 of every output.
 """
 from __future__ import annotations
@@ -66,6 +67,9 @@ EVAL_FILES = {
     "commonsense_qa": "llm_foundry/commonsense_qa.jsonl",
 }
 MMLU_DEV = "mmlu/mmlu_dev.jsonl"
+
+#: reference sets (Quad's D_r): name -> (source file under shared/data/eval, items shipped)
+REFERENCE_FILES = {"lambada_openai": ("llm_foundry/lambada_openai.jsonl", 500)}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -160,6 +164,13 @@ def build_eval_task(shared: Path, task: str) -> list[dict]:
     return out
 
 
+def build_reference(shared: Path, name: str) -> list[dict]:
+    """A hash-ordered sample of a reference set, source order, original fields plus ``id``."""
+    source, size = REFERENCE_FILES[name]
+    rows = read_jsonl(shared / "eval" / source)
+    return [{**rows[i], "id": f"{name}-{i}"} for i in sorted(hash_order(name, len(rows))[:size])]
+
+
 def build(shared: Path, out: Path) -> dict:
     """Write every demo file under ``out`` and return the manifest."""
     if not (shared / "README.md").is_file():
@@ -179,6 +190,12 @@ def build(shared: Path, out: Path) -> dict:
         rel = f"eval/{task}.jsonl.gz"
         files[rel] = {"rows": len(rows), "by_split": dict(Counter(r["split"] for r in rows)),
                       "source": f"shared/data/eval/{EVAL_FILES[task]}",
+                      "sha256": write_jsonl_gz(out / rel, rows)}
+
+    for name, (source, _) in REFERENCE_FILES.items():
+        rows = build_reference(shared, name)
+        rel = f"reference/{name}.jsonl.gz"
+        files[rel] = {"rows": len(rows), "source": f"shared/data/eval/{source}",
                       "sha256": write_jsonl_gz(out / rel, rows)}
 
     for rel, entry in files.items():
