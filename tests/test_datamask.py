@@ -1,4 +1,4 @@
-"""DATAMASK (spokes_lightning/selectors/datamask.py): the Plackett-Luce log-probability and its
+"""DATAMASK (spokes_lightning/selectors/datamask/): the Plackett-Luce log-probability and its
 gradient, the policy-gradient estimator (by enumeration), the objective's parts, the greedy
 baseline, the learned mask against random masks, parameter errors, the CLI and the driver."""
 from __future__ import annotations

@@ -17,11 +17,15 @@ TINY = [
     "evaluate.tasks=[arc_easy,winogrande]", "evaluate.limit=12", "evaluate.batch_size=8",
     "report.batch_gvendi.batch_size=16", "report.batch_gvendi.batches=3",
 ]
-METHODS = ["random", "quality", "semdedup", "spokes", "spokes_quality"]
+METHODS = ["random", "quality", "semdedup", "spokes", "spokes_quality", "quadmix", "quad", "datamask"]
+#: the peer selectors of issue 13 at test size (method=peers: every selector, side by side)
+PEERS = ["method=peers", "selection.specs.quadmix.proxy_runs=3", "selection.specs.quadmix.proxy_steps=5",
+         "selection.specs.quad.kfac_documents=32", "+selection.specs.quad.reference_documents=40",
+         "selection.specs.datamask.steps=20"]
 
 
 def launch(run_dir, *extra):
-    return subprocess.run([sys.executable, "launch/run.py", f"run_dir={run_dir}", *TINY, *extra],
+    return subprocess.run([sys.executable, "launch/run.py", f"run_dir={run_dir}", *TINY, *PEERS, *extra],
                           capture_output=True, text=True, timeout=900)
 
 
@@ -37,7 +41,7 @@ def demo_run(tmp_path_factory):
 def test_summary_contract(demo_run):
     run_dir, r, wall = demo_run
     s = json.loads((run_dir / "summary.json").read_text())
-    assert s["recipe"] == "demo" and s["n_documents"] > 100
+    assert s["recipe"] == "demo_peers" and s["n_documents"] > 100
     assert s["batch_gvendi"] == {"batch_size": 16, "batches": 3}
     stages = ["corpus", "tokenizer", "proxy", "features", "select", "export", "pretrain", "evaluate", "report"]
     assert sorted(s["stage_seconds"]) == sorted(stages)  # every stage, the report's own included
@@ -47,7 +51,10 @@ def test_summary_contract(demo_run):
     assert s["stage_seconds"]["proxy"] == marker["seconds"]
     assert sorted(s["methods"]) == sorted(METHODS)
     for m, v in s["methods"].items():
-        assert v["n_selected"] == int(0.5 * s["n_documents"])
+        if m == "quadmix":  # a sample with copies: the budget counts copies
+            assert v["n_copies"] == int(0.5 * s["n_documents"]) and v["n_selected"] <= v["n_copies"]
+        else:
+            assert v["n_selected"] == v["n_copies"] == int(0.5 * s["n_documents"])
         assert v["n_tokens"] > 0 and v["epochs"] > 0 and v["val_loss"] > 0
         assert 1 <= v["gvendi"] <= 64 and 1 <= v["gvendi_independent"] <= 64 and 1 <= v["batch_gvendi"] <= 16
         assert v["mean_length"] > 0 and v["mean_quality"] is not None
@@ -105,6 +112,6 @@ def test_rerun_is_cached(demo_run):
 
 def test_changed_selection_reruns_only_downstream(demo_run, tmp_path):
     run_dir, _, _ = demo_run
-    r = launch(run_dir, "selection.methods=[random,spokes]", "stages=[corpus,tokenizer,proxy,features,select]")
+    r = launch(run_dir, "selection.methods=[random,spokes,quad,quadmix]", "stages=[corpus,tokenizer,proxy,features,select]")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "features: cached" in r.stderr and "select: running" in r.stderr

@@ -263,7 +263,7 @@ def _tiny_pool(texts, val, tok, work_dir):
     lengths = np.array([len(tok(t)["input_ids"]) for t in texts])
     pool = SelectionPool.join({"lengths": (ids, lengths), "domains": (ids, [f"s{i % 2}" for i in range(n)])},
                               quality_scores={"a": (ids, rng.random(n)), "b": (ids, rng.random(n))})
-    pool.context.update(texts=lambda: list(texts), validation_texts=lambda: list(val), tokenizer=lambda: tok,
+    pool.context.update(texts=list(texts), validation_texts=list(val), tokenizer=tok,
                         work_dir=work_dir, seed=0)
     return pool
 

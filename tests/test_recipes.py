@@ -32,6 +32,12 @@ PICKS = {
        for m in ("random", "quality", "semdedup", "spokes", "spokes_quality")},
 }
 ALL_METHODS = ["random", "quality", "semdedup", "spokes", "spokes_quality"]
+PEER_METHODS = ["quadmix", "quad", "datamask"]  # issue 13: the other published selectors
+#: QuaDMix's search at the paper's scale (section 3.3), set by dataset/dclm.yaml (fineweb builds on it)
+QUADMIX_PAPER = {f"selection.specs.quadmix.{k}": v for k, v in {
+    "proxy_runs": 3000, "proxy_layers": 4, "proxy_hidden": 128, "proxy_heads": 4, "proxy_seq_length": 1024,
+    "proxy_batch_size": 64, "proxy_steps": 15000, "proxy_lr": 1.0e-3, "proxy_val_tokens": 0,
+    "search_candidates": 100000, "search_top": 10}.items()}
 
 # What the copied recipe files composed to before recipes became picks (captured then), as
 # departures from the default run (recipe=demo), so that unrelated new keys do not break this.
@@ -48,7 +54,7 @@ PAPER = {
     "features.chunk_size": 1024, "features.gradients.max_length": 768, "pretrain.enabled": False,
     "pretrain.token_budget": 400000, "proxy.model": "Qwen/Qwen3-0.6B-Base", "quality.source": "classifier",
     "selection.alpha_grid": [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3], "selection.alpha_sweep": False,
-    "tokenizer.path": "meta-llama/Llama-3.2-1B",
+    "tokenizer.path": "meta-llama/Llama-3.2-1B", **QUADMIX_PAPER,
 }
 DCLM = {**PAPER, "data.hub.config": "dclm", "data.hub.name": "allenai/dolmino-mix-1124",
         "selection.alpha": 0.001, "selection.specs.semdedup.n_clusters": 10000}
@@ -98,7 +104,8 @@ def default():
 
 def test_every_recipe_file_is_a_known_pick():
     assert sorted(p.stem for p in (RECIPES / "recipe").glob("*.yaml")) == sorted(PICKS)
-    assert sorted(p.stem for p in (RECIPES / "method").glob("*.yaml")) == sorted(["all", *ALL_METHODS])
+    assert sorted(p.stem for p in (RECIPES / "method").glob("*.yaml")) == sorted(["all", "peers", *ALL_METHODS,
+                                                                                  *PEER_METHODS])
     assert sorted(p.stem for p in (RECIPES / "dataset").glob("*.yaml")) == ["dclm", "demo", "demo_full", "fineweb"]
 
 

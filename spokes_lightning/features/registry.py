@@ -16,7 +16,8 @@ The contract:
   (None for a family that writes no store);
 * ``run(ctx)``: computes (or resumes) its feature store or score file; returns its stage outputs;
 * ``handed_on(outputs)``: the files among the stage's outputs that later stages read (none
-  when this family did not run).
+  when this family did not run);
+* ``check(cfg)``: preflight, one line for bad settings before any work (called when enabled).
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ class FeatureFamily:
 
     def handed_on(self, outputs: dict) -> list[str]:
         return []
+
+    def check(self, cfg) -> None:
+        """Preflight: refuse bad settings in one line before any stage runs (only when enabled)."""
 
 
 def register(cls: type[FeatureFamily]) -> type[FeatureFamily]:

@@ -90,7 +90,11 @@ def check_config(cfg) -> None:
     from .select_stage import domain_rule
 
     domain_rule(cfg)
-    check_quality_source(cfg, families())
+    registered = families()
+    check_quality_source(cfg, registered)
+    for family in registered:
+        if family.enabled(cfg):
+            family.check(cfg)
     if cfg.evaluate.tasks:
         check_task_names(list(cfg.evaluate.tasks))
     alpha = cfg.selection.alpha

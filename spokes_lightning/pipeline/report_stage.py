@@ -41,6 +41,7 @@ def method_summary(ctx: RunContext, method: str, sel_info: dict, pool, independe
     exp = ctx.results.get("export", {}).get(method, {})
     return {
         "n_selected": int(len(idx)),
+        "n_copies": int(sel.copies().sum()),  # documents counted with their multiplicity (QuaDMix)
         "n_tokens": int(exp.get("n_tokens", sel_info["n_tokens"])),
         "epochs": pre.get("epochs"),
         "gvendi": vendi_score(rows),
@@ -127,7 +128,8 @@ def selection_table(ctx: RunContext, summary: dict) -> str:
             srcs[source_of[pool.ids[i]]] = srcs.get(source_of[pool.ids[i]], 0) + 1
         mix = source_mix(srcs)
         fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| {m} | {s['n_selected']} | {s['n_tokens']} | {fmt(s['epochs'], '.2f')} | {s['gvendi']:.1f} | "
+        copies = "" if s.get("n_copies", s["n_selected"]) == s["n_selected"] else f" ({s['n_copies']} with copies)"
+        lines.append(f"| {m} | {s['n_selected']}{copies} | {s['n_tokens']} | {fmt(s['epochs'], '.2f')} | {s['gvendi']:.1f} | "
                      f"{fmt(s['gvendi_independent'], '.1f')} | {s['batch_gvendi']:.1f} | {s['mean_quality']:.3f} | "
                      f"{s['mean_length']:.0f} | {mix} | "
                      + " | ".join(f"{subset_overlap_pct(ids[m], ids[o]):.0f}" for o in methods) + " |\n")

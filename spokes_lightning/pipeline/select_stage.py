@@ -19,7 +19,7 @@ from ..atomic import write_json_atomic
 from ..errors import UserError
 from ..features.store import open_feature_store
 from ..selection.driver import Budget, select_methods
-from ..selection.pool import SelectionPool
+from ..selection.pool import Lazy, SelectionPool
 from ..selectors import load_plugins, selector_class
 from ..selectors.spokes import SpokesSelector, alpha_sweep
 from .data_stages import export_tokenizer, pool_documents, validation_documents
@@ -61,9 +61,9 @@ def selection_pool(ctx: RunContext) -> SelectionPool:
         pool.inputs.extras = {**(pool.inputs.extras or {}), **extras}
     if "kmeans" in rule:
         pool.providers["domains"] = lambda p: embedding_clusters(p, int(rule["kmeans"]), int(ctx.cfg.seed))
-    pool.context.update(texts=lambda: [by_id[i].text for i in pool.ids], seed=int(ctx.cfg.seed),
-                        validation_texts=lambda: [d.text for d in validation_documents(ctx)],
-                        tokenizer=lambda: export_tokenizer(ctx), work_dir=ctx.run_dir / "select" / "work")
+    pool.context.update(texts=Lazy(lambda: [by_id[i].text for i in pool.ids]), seed=int(ctx.cfg.seed),
+                        validation_texts=Lazy(lambda: [d.text for d in validation_documents(ctx)]),
+                        tokenizer=Lazy(lambda: export_tokenizer(ctx)), work_dir=ctx.run_dir / "select" / "work")
     by_id = {d.id: d for d in docs}
     ctx.selection_pool = pool
     return pool
@@ -141,8 +141,8 @@ class SelectStage(Stage):
         return {"selection": cfg.selection, "seed": cfg.seed}
 
     def handed_on(self, outputs):
-        return [v["selection"] for v in outputs["methods"].values()] + (
-            [outputs["alpha_sweep"]] if outputs.get("alpha_sweep") else [])
+        return [v["selection"] for v in outputs["methods"].values()] + [
+            outputs[key] for key in ("alpha_sweep", "auto_params") if outputs.get(key)]
 
     def run(self, ctx):
         cfg = ctx.cfg
@@ -161,10 +161,14 @@ class SelectStage(Stage):
             sweep = alpha_sweep(pool, spokes[1], budget.k, seed, grid, log=log)
             write_json_atomic(ctx.path("select", "alpha_sweep.json"), sweep)
         alpha = sweep["auto_alpha"] if sel.alpha == "auto" else float(sel.alpha)
+        records: dict = {}
         written = select_methods(pool, specs, str(sel.budget), str(sel.budget_unit), seed, ctx.run_dir / "selections",
-                                 fixed={"alpha": alpha, "alpha_grid": grid}, log=log)
+                                 fixed={"alpha": alpha, "alpha_grid": grid}, records=records, log=log)
         out = {"n_pool": pool.n, "n_unselectable": pool.n_unselectable, "alpha": alpha, "methods": {},
                "alpha_sweep": "select/alpha_sweep.json" if sweep else None}
+        if records:  # how each "auto" parameter was resolved (e.g. QuaDMix's search)
+            write_json_atomic(ctx.path("select", "auto_params.json"), records)
+            out["auto_params"] = "select/auto_params.json"
         for method, info in written.items():
             out["methods"][method] = {"selection": ctx.rel(info["path"]), "n_selected": info["n_selected"],
                                       "n_copies": info["n_copies"], "n_tokens": info["n_tokens"]}

@@ -6,8 +6,8 @@ the Lightning :class:`~spokes_lightning.callbacks.selection.SelectionCallback`, 
 
 1. resolves parameters given as ``"auto"`` (a value the caller fixes, e.g. ``selection.alpha``,
    or the selector's own :meth:`~spokes_lightning.selectors.base.Selector.resolve_auto`);
-2. resolves the budget: documents (``k``) or tokens (the method ranks the whole pool and its
-   ranking is taken until the tokens, copies counted, run out);
+2. resolves the budget: documents (``k``) or tokens (the method ranks the whole pool, or samples
+   the same share of documents, and its order is taken until the tokens, copies counted, run out);
 3. runs the selector: on rank 0 alone, or on every rank with its row shard when the selector
    is ``collective`` (SPOKES all-reduces its Grams); an error on any rank is raised on all;
 4. writes the artifact (rank 0), with multiplicities and the pool's input hashes.
@@ -152,10 +152,12 @@ def select_method(pool: SelectionPool, spec: dict, budget: Budget, seed: int) ->
     name = spec.pop("selector")
     if budget.unit == "documents":
         return run_selector(pool, name, spec, budget.k, seed)
-    result = run_selector(pool, name, spec, pool.n, seed)
+    share = selector_class(name).token_budget == "share"
+    result = run_selector(pool, name, spec, budget.k if share else pool.n, seed)
     if result is None:
         return None
-    order, copies = full_ranking(result, pool.n)
+    order, copies = ((np.asarray(result.indices, dtype=np.int64), check_multiplicity(name, result, len(result.indices)))
+                     if share else full_ranking(result, pool.n))
     weighted = np.asarray(pool.lengths, dtype=np.int64)[order] * copies
     fits = np.cumsum(weighted) <= budget.tokens
     keep = max(1, int(fits.sum()) if fits.all() else int(np.argmin(fits)))

@@ -23,6 +23,14 @@ HASHED_FIELDS = ("features", "embeddings", "quality", "domains")
 Source = tuple[Sequence[str], Any]
 
 
+@dataclass(frozen=True)
+class Lazy:
+    """A pool context value computed on first use (a tokenizer object, by contrast, is callable
+    itself and is stored as it is)."""
+
+    make: Callable[[], Any]
+
+
 @dataclass
 class SelectionPool:
     inputs: SelectionInputs
@@ -31,9 +39,9 @@ class SelectionPool:
     providers: dict[str, Callable[["SelectionPool"], Any]] = field(default_factory=dict)
     memo: dict = field(default_factory=dict)  # selections computed in this process (driver.run_selector)
     #: what a selector that trains or reads text may use (the pipeline fills it; the CLI and the
-    #: callback leave it empty): "texts" () -> pool texts in row order, "validation_texts" () -> the
-    #: held-out texts, "tokenizer" () -> the export tokenizer, "work_dir" (a Path for scratch
-    #: runs), "seed" (the run's seed). See :meth:`need`.
+    #: callback leave it empty): "texts" -> pool texts in row order, "validation_texts" -> the
+    #: held-out texts, "tokenizer" -> the export tokenizer, "work_dir" (a Path for scratch runs),
+    #: "seed" (the run's seed). A value may be a :class:`Lazy` factory, called on first use.
     context: dict[str, Any] = field(default_factory=dict)
     _hashes: dict = field(default_factory=dict)
 
@@ -59,12 +67,14 @@ class SelectionPool:
         return self.inputs
 
     def need(self, method: str, name: str):
-        """``context[name]`` (called when it is a function), or one line saying where it exists."""
+        """``context[name]`` (a :class:`Lazy` made on first use), or one line saying where it exists."""
         if name not in self.context:
             raise UserError(f"method '{method}' needs {name}, which only the pipeline's select stage "
                             "provides (launch/run.py); give the method's settings explicitly elsewhere")
         value = self.context[name]
-        return value() if callable(value) else value
+        if isinstance(value, Lazy):
+            value = self.context[name] = value.make()
+        return value
 
     def provide(self, name: str) -> None:
         value = self.providers[name](self)

@@ -159,6 +159,10 @@ class Selector(ABC):
     #: True when select() calls torch.distributed collectives itself: every rank calls it with
     #: its row shard (the driver cuts the shards); otherwise rank 0 alone selects
     collective: ClassVar[bool] = False
+    #: under a token budget: "rank" = called with k = N, its ranking taken until the tokens run out
+    #: (methods that rank every document); "share" = called with k = the same share of documents
+    #: as the tokens are of the pool, then trimmed to the tokens (methods that sample a set)
+    token_budget: ClassVar[str] = "rank"
     #: which field the CLI's ``--features`` file fills for this method
     feature_field: ClassVar[str] = "features"
     #: one-line description shown by ``spokes select --help``

@@ -118,6 +118,11 @@ class QuadReference(FeatureFamily):
     def enabled(self, cfg) -> bool:
         return bool(quad_methods(cfg))
 
+    def check(self, cfg) -> None:
+        """Every quad method's reference set is readable (one line before any work otherwise)."""
+        for settings in reference_settings(cfg).values():
+            read_reference(settings["reference"], 1)
+
     def run(self, ctx) -> dict:
         import torch
 

@@ -42,6 +42,7 @@ def _log(message: str) -> None:
 @register
 class QuaDMixSelector(Selector):
     name = "quadmix"
+    token_budget = "share"  # samples a set: under a token budget, the same share of documents
     requires = ("quality_scores", "domains")
     reads = ("lengths",)
     summary = "QuaDMix: per-domain merged quality rank -> sigmoid sampling with copies; params searched by proxies + LightGBM"
