@@ -1,0 +1,1 @@
+"""Adapters for training loops that are not Lightning (:mod:`.accelerate`)."""
