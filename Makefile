@@ -29,3 +29,5 @@ bench: $(STAMP)
 	$(PY) bench/bench_spokes.py
 	$(PY) bench/bench_semdedup.py
 	$(PY) bench/bench_features.py
+	$(PY) bench/bench_rounding.py
+	$(PY) bench/bench_datamask.py

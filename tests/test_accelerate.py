@@ -164,7 +164,9 @@ def test_store_made_with_other_settings_is_refused_in_one_line(proxy_dir, two, t
     proc = run(proxy_dir, store, processes, 0, 1)  # n_layers=1 instead of 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and all("different settings (" in line and "n_layers" in line for line in errors), proc.stderr[-3000:]
-    assert len(errors) == processes  # one line from each process
+    # one line from each process that got to print it: torchrun may SIGTERM the second worker once the
+    # first has exited 2, so with 2 processes one or two lines (never more, never a traceback)
+    assert 1 <= len(errors) <= processes and (processes == 2 or len(errors) == 1)
     ours = proc.stderr.split("failed (exitcode")[0]  # what the workers printed, before torchrun's report
     assert "Traceback" not in ours
     if processes == 1:
