@@ -21,13 +21,15 @@ from .errors import UserError, user_errors_exit
 from .resources import shipped_data_path, shipped_dir
 
 #: the config groups a run picks (recipes/<group>/<option>.yaml)
-GROUPS = ("dataset", "method", "recipe")
+GROUPS = ("dataset", "method", "online", "recipe")
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
 def run_name(choices: dict) -> str:
-    """<dataset> for method=all, else <dataset>_<method>."""
+    """<dataset> for method=all, else <dataset>_<method>; <dataset>_online with an online comparison."""
     dataset, method = choices.get("dataset"), choices.get("method")
+    if choices.get("online"):
+        return f"{dataset or 'run'}_online"
     if method in (None, "all"):
         return dataset or "run"
     return f"{dataset}_{method}" if dataset else str(method)

@@ -115,3 +115,52 @@ def test_changed_selection_reruns_only_downstream(demo_run, tmp_path):
     r = launch(run_dir, "selection.methods=[random,spokes,quad,quadmix]", "stages=[corpus,tokenizer,proxy,features,select]")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "features: cached" in r.stderr and "select: running" in r.stderr
+
+
+#: the online comparison (issue 14) at test size, on the tiny run's cached stages
+ONLINE = ["online=demo", "selection.budget=0.5", "selection.budget_unit=documents", "online.every_n_steps=4",
+          "online.window=12", "online.sketch.k=32", "online.sketch.max_length=32", "online.sketch.batch_size=8",
+          "online.score.k=64", "online.score.max_length=64"]
+
+
+def test_online_comparison_stage(demo_run):
+    run_dir, _, _ = demo_run
+    r = launch(run_dir, *ONLINE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "select: cached" in r.stderr and "online: running" in r.stderr
+    arms = json.loads((run_dir / "online" / "comparison.json").read_text())
+    assert list(arms) == ["random", "static", "online"]
+    steps = 8192 // (8 * 64)
+    for arm, v in arms.items():
+        assert v["steps"] == steps and v["tokens_trained"] == steps * 8 * 64
+        assert v["n_trained_on"] > 0 and v["val_loss"] > 0 and 0 <= v["olmes_avg"] <= 100
+        assert 1 <= v["gvendi_random_final_model"] <= 64 and 1 <= v["gvendi_proxy_independent"] <= 64
+    assert arms["random"]["reselect_seconds"] == 0 and arms["online"]["reselect_seconds"] > 0
+    assert 0 < arms["online"]["overhead_share"] and arms["online"]["sketch_seconds"] > 0
+    online = json.loads((run_dir / "online" / "online" / "result.json").read_text())
+    assert [s["rule"] for s in online["segments"]] == ["random"] * 2 + ["online"] * (steps // 4 - 2)
+    static = json.loads((run_dir / "online" / "static" / "result.json").read_text())
+    chosen = set(json.loads((run_dir / "selections" / "spokes" / "ids.json").read_text()))
+    assert set(static["trained_on"]) <= chosen  # the static arm trains only on the static selection
+    table = (run_dir / "online" / "comparison.md").read_text()
+    assert table.count("\n") == 5 and "| online |" in table
+    again = launch(run_dir, *ONLINE)
+    assert again.returncode == 0 and "online: cached" in again.stderr
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["online.every_n_steps=0"], "online.every_n_steps must be a whole number >= 1"),
+    (["online.arms=[random,greedy]"], "online.arms must list some of"),
+    (["online.static_method=quality"], "online.static_method 'quality' is not in selection.methods"),
+    (["online.every_n_steps=16", "online.window=1"], "online.window = 1 is smaller than"),
+])
+def test_online_bad_settings_exit_2(demo_run, tmp_path, bad, message):
+    run_dir, _, _ = demo_run
+    target = run_dir if "online.window=1" in bad else tmp_path / "bad"
+    before = sorted(p.name for p in (run_dir / "online").iterdir()) if (run_dir / "online").exists() else []
+    r = launch(target, *ONLINE, *bad, *(["method=spokes"] if "static_method" in bad[0] else []))
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+    after = sorted(p.name for p in (run_dir / "online").iterdir()) if (run_dir / "online").exists() else []
+    assert after == before  # nothing half-written

@@ -97,6 +97,8 @@ def check_config(cfg) -> None:
             family.check(cfg)
     if cfg.evaluate.tasks:
         check_task_names(list(cfg.evaluate.tasks))
+    if cfg.get("online") is not None and cfg.online.enabled:
+        check_online(cfg)
     alpha = cfg.selection.alpha
     if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0 <= float(alpha) <= 1):
         raise UserError(f"selection.alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
@@ -121,6 +123,27 @@ def check_config(cfg) -> None:
     _hub_resource(cfg.embeddings.model, "embeddings.model", "embedding model")
     if cfg.quality.source == "classifier":
         _hub_resource(cfg.quality.model, "quality.model", "quality classifier")
+
+
+def check_online(cfg) -> None:
+    """The online comparison's settings (stage ``online``), before any heavy work."""
+    from ..online.reselect import FALLBACKS, MODES
+
+    o = cfg.online
+    for key in ("every_n_steps", "window", "rounds"):
+        value = o[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"online.{key} must be a whole number >= 1, got {value!r}")
+    bad = [a for a in o.arms if a not in MODES]
+    if bad or not o.arms:
+        raise UserError(f"online.arms must list some of {', '.join(MODES)}, got {list(o.arms)}")
+    if o.fallback not in FALLBACKS:
+        raise UserError(f"online.fallback must be one of {', '.join(FALLBACKS)}, got {o.fallback!r}")
+    if not (isinstance(o.alpha, (int, float)) and 0 <= float(o.alpha) <= 1):
+        raise UserError(f"online.alpha must be a number in [0, 1], got {o.alpha!r}")
+    if ("static" in o.arms or o.fallback == "static") and o.static_method not in cfg.selection.methods:
+        raise UserError(f"online.static_method {o.static_method!r} is not in selection.methods "
+                        f"({', '.join(cfg.selection.methods)})")
 
 
 def check_pool_budget(cfg, n_pool: int) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .data_stages import CorpusStage, ProxyStage, TokenizerStage
 from .feature_stages import FeaturesStage
+from .online_stage import OnlineStage
 from .report_stage import ReportStage
 from .run_lock import RunDirLock
 from .select_stage import SelectStage
@@ -10,7 +11,8 @@ from .stage import RunContext, log, run_pipeline
 from .train_stages import EvaluateStage, ExportStage, PretrainStage
 
 STAGES = [CorpusStage(), TokenizerStage(), ProxyStage(), FeaturesStage(), SelectStage(), ExportStage(),
-          PretrainStage(), EvaluateStage(), ReportStage()]
+          PretrainStage(), EvaluateStage(), ReportStage(),
+          OnlineStage()]
 #: the stage names, in order: what ``stages=[...]`` may list (checked by preflight)
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

@@ -1,0 +1,144 @@
+"""Hugging Face ``Trainer`` adapter of online reselection (the Lightning one is :mod:`.lightning`).
+
+Usage::
+
+    reselector = build_reselector(documents, tokenizer, total_steps=58, every_n_steps=8, window=64,
+                                  global_batch=8, seq_length=256, seed=0, mode="online")
+    reselector.plan_initial()
+    trainer = Trainer(model=model, args=TrainingArguments(max_steps=58, per_device_train_batch_size=8 // world,
+                                                          gradient_accumulation_steps=1, ...),
+                      train_dataset=OnlineTrainerDataset(reselector.plan),
+                      callbacks=[OnlineReselectionTrainerCallback(reselector, tokenizer)])
+
+:class:`OnlineTrainerDataset` yields single sequences (``input_ids``, ``labels`` = -100 on padding,
+``attention_mask``) in global interleaved order, step by step: rank 0's ``local_batch`` sequences of
+the step, then rank 1's, ... Accelerate's prepared loader for an iterable dataset gives process ``r``
+the ``r``-th batch of each group of ``world`` batches (dispatching from rank 0, or sharding with
+``IterableDatasetShard``), so each process trains exactly its share of the plan.
+
+The callback reselects at ``on_step_end`` (every rank, the unwrapped model Trainer passes to
+callbacks). Its state goes with each checkpoint through transformers' ``ExportableState``: the plan
+(ids per segment), the records and the d x d float64 Gram (base64, exact) in ``trainer_state.json``,
+read back at ``on_train_begin`` when training resumes, whether or not
+``restore_callback_states_from_checkpoint`` is set.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .. import distributed as D
+from ..errors import UserError
+from .plan import OnlinePlan
+from .reselect import OnlineReselector
+
+_LIVE: dict[str, "OnlineReselectionTrainerCallback"] = {}  # restore_key -> the callback built by the user
+
+
+class OnlineTrainerDataset(torch.utils.data.IterableDataset):
+    def __init__(self, plan: OnlinePlan):
+        self.plan = plan
+
+    def __iter__(self):
+        _, world = D.world()
+        plan = self.plan
+        if plan.global_batch % world:
+            raise UserError(f"the online plan's global batch {plan.global_batch} does not split over {world} processes")
+        for step in range(plan.total_steps):
+            for rank in range(world):
+                for sequence in plan.step_sequences(step, rank, world):
+                    tokens, _ = plan.sequence_arrays(sequence)
+                    n = sum(stop - start for _, start, stop in sequence)
+                    labels = tokens.copy()
+                    labels[n:] = -100
+                    mask = np.zeros_like(tokens)
+                    mask[:n] = 1
+                    yield {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+                           "attention_mask": torch.from_numpy(mask)}
+
+
+def _plan_key(plan: OnlinePlan, mode: str) -> str:
+    blob = json.dumps([plan.ids, plan.total_steps, plan.steps_per_segment, plan.global_batch, plan.seq_length,
+                       plan.window, plan.seed, mode])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class OnlineReselectionTrainerCallback(TrainerCallback, ExportableState):
+    """Every ``every_n_steps`` optimizer steps, plan the segment after the current one."""
+
+    def __init__(self, reselector: OnlineReselector | None = None, tokenizer=None, restore_key: str | None = None):
+        if restore_key is not None:  # transformers' _load_callback_state rebuilds callbacks from their args:
+            if restore_key not in _LIVE:  # share the state of the one the user built in this process
+                raise UserError("restoring OnlineReselectionTrainerCallback needs the callback built for this "
+                                "run in this process (pass it in callbacks=[...])")
+            self.__dict__ = _LIVE[restore_key].__dict__
+            return
+        if reselector is None:
+            raise UserError("OnlineReselectionTrainerCallback needs the run's OnlineReselector")
+        self.reselector, self.tokenizer = reselector, tokenizer
+        self.restore_key = _plan_key(reselector.plan, reselector.mode)
+        _LIVE[self.restore_key] = self
+
+    def state(self) -> dict:
+        return {"args": {"restore_key": self.restore_key},
+                "attributes": {"saved": {"restore_key": self.restore_key,
+                                         "reselector": encode_state(self.reselector.state())}}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        plan = self.reselector.plan
+        _, world = D.world()
+        if args.max_steps != plan.total_steps:
+            raise UserError(f"TrainingArguments(max_steps={args.max_steps}) but the online plan has {plan.total_steps} steps")
+        if args.gradient_accumulation_steps != 1:
+            raise UserError("online reselection counts optimizer steps as batches: use gradient_accumulation_steps=1")
+        if args.per_device_train_batch_size * world != plan.global_batch:
+            raise UserError(f"per_device_train_batch_size {args.per_device_train_batch_size} x {world} processes != "
+                            f"the plan's global batch {plan.global_batch}")
+        if state.global_step > 0:
+            record = state.stateful_callbacks.get(type(self).__name__)
+            record = record[0] if isinstance(record, list) else record
+            saved = (record or {}).get("attributes", {}).get("saved")
+            if saved is None:
+                raise UserError(f"resuming at step {state.global_step} but the checkpoint has no online "
+                                "reselection state (was it trained with OnlineReselectionTrainerCallback?)")
+            if saved.get("restore_key") != self.restore_key:
+                raise UserError("the checkpoint was written for another online plan (documents or settings differ)")
+            self.reselector.load_state(decode_state(saved["reselector"]))
+        elif not plan.segments:
+            self.reselector.plan_initial()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.reselector.reselect(model, self.tokenizer, int(state.global_step))
+
+
+def encode_state(value):
+    """JSON-able copy of a reselector state: numpy arrays as exact base64 bytes."""
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": base64.b64encode(np.ascontiguousarray(value).tobytes()).decode(),
+                "dtype": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {k: encode_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_state(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def decode_state(value):
+    if isinstance(value, dict) and "__ndarray__" in value:
+        raw = base64.b64decode(value["__ndarray__"])
+        return np.frombuffer(raw, dtype=value["dtype"]).reshape(value["shape"]).copy()
+    if isinstance(value, dict):
+        return {k: decode_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_state(v) for v in value]
+    return value
+
+
+__all__: Any = ("OnlineTrainerDataset", "OnlineReselectionTrainerCallback")

@@ -1,0 +1,94 @@
+"""Online reselection under a stock transformers Trainer: 1 process, 2 processes (torchrun, gloo) with
+one plan on both ranks and each rank training its share, checkpoint resume continuing the same plan
+and batches, and bad input (one line, exit 2)."""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_online_lightning import corpus, env  # noqa: E402,F401  (the module-scoped corpus fixture)
+
+import subprocess  # noqa: E402
+
+SCRIPT = ROOT / "tests" / "scripts" / "online_hf_run.py"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(corpus, out, processes=1, resume=None, extra_env=None, settings=None):
+    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                         "--nproc_per_node", str(processes),
+                                                         "--master_port", str(free_port())]
+    e = env(**(settings or {}))
+    e.update(extra_env or {})
+    args = [str(SCRIPT), str(corpus / "corpus.jsonl.gz"), str(corpus / "tok.json"), str(out)]
+    return subprocess.run([*launcher, *args, *([str(resume)] if resume else [])], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=400)
+
+
+def test_trainer_one_and_two_processes_and_resume(corpus, tmp_path):
+    long = {"total_steps": 15}  # reselections at steps 3, 6 and 9: the one at 9 comes after the resume
+    one = run(corpus, tmp_path / "one", settings=long)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert a["rules"] == ["random", "random", "online", "online", "online"] and a["requires_grad"]
+    assert len(a["seen"]) == 15 and all(len(batch) == 4 for batch in a["seen"])
+    state = json.loads((tmp_path / "one" / "trainer" / "checkpoint-6" / "trainer_state.json").read_text())
+    saved = state["stateful_callbacks"]["OnlineReselectionTrainerCallback"]["attributes"]["saved"]
+    assert len(saved["reselector"]["segments"]) == 4  # 0-1 at the start, 2 at step 3, 3 at step 6 (before the save)
+
+    resumed = run(corpus, tmp_path / "resumed", resume=tmp_path / "one" / "trainer" / "checkpoint-6", settings=long)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    b = json.loads((tmp_path / "resumed" / "rank0.json").read_text())
+    assert b["segments"] == a["segments"]  # the restored plan + Gram, then the same reselection at step 9
+    assert b["seen"] == a["seen"][6:]  # steps 7..15 see the same sequences
+
+    two = run(corpus, tmp_path / "two", processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["segments"] == r1["segments"] and r0["segments"][:2] == a["segments"][:2]
+    assert all(len(batch) == 2 for batch in r0["seen"] + r1["seen"]) and len(r0["seen"]) == 12
+    # each rank trained exactly its share of the plan: rank r's sequences of every step
+    plan = rebuilt_plan(corpus, r0["segments"])
+    for step in range(12):
+        for rank, seen in enumerate((r0["seen"], r1["seen"])):
+            want = [plan.sequence_arrays(q)[0].tolist() for q in plan.step_sequences(step, rank, 2)]
+            assert seen[step] == want
+        if step < 6:  # the fallback segments; later the 1-process run's weights (and picks) may differ
+            assert a["seen"][step] == [plan.sequence_arrays(q)[0].tolist() for q in plan.step_sequences(step, 0, 1)]
+
+
+def rebuilt_plan(corpus, segments):
+    import gzip
+
+    from transformers import PreTrainedTokenizerFast
+
+    from spokes_lightning.online.lightning import build_reselector
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tok.json"), eos_token="[EOS]", pad_token="[PAD]")
+    docs = [(d["id"], d["text"]) for d in map(json.loads, gzip.open(corpus / "corpus.jsonl.gz", "rt"))]
+    res = build_reselector(docs, tok, total_steps=12, every_n_steps=3, window=24, global_batch=4, seq_length=16,
+                           seed=1, mode="random")
+    index = {doc_id: i for i, doc_id in enumerate(res.plan.ids)}
+    res.plan.segments = [[index[i] for i in s] for s in segments]
+    return res.plan
+
+
+@pytest.mark.parametrize("extra_env,settings,message", [
+    ({"PER_DEVICE": "3"}, None, "per_device_train_batch_size 3"),
+    ({}, {"every_n_steps": 0}, "every_n_steps must be >= 1"),
+])
+def test_trainer_bad_input_exits_2(corpus, tmp_path, extra_env, settings, message):
+    proc = run(corpus, tmp_path / "bad", extra_env=extra_env, settings=settings)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
