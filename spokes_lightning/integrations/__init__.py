@@ -1,1 +1,2 @@
-"""Adapters for training loops that are not Lightning (:mod:`.accelerate`)."""
+"""Adapters for training loops that are not Lightning (:mod:`.accelerate`).
+:mod:`.hf_trainer`: a stock ``transformers.Trainer`` trained on a selection only (dataset + callback)."""
