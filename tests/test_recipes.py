@@ -25,6 +25,7 @@ ABSENT = "<absent>"
 PICKS = {
     "demo": ("demo", "all", []),
     "demo_full": ("demo_full", "all", []),
+    "demo_online": ("demo", "spokes", ["online=demo"]),  # issue 14: random vs static vs online SPOKES
     "dclm_base": ("dclm", "all", []),
     "fineweb_base": ("fineweb", "all", []),
     "paper_tables": ("dclm", "all", ["recipe_name=paper_tables", "selection.alpha_sweep=true"]),
@@ -68,6 +69,9 @@ def named(name: str) -> dict:
 
 BEFORE = {
     "demo": {},
+    "demo_online": {"selection.methods": ["spokes"], "online.enabled": True, "selection.budget": 240000,
+                    "selection.budget_unit": "tokens",
+                    "stages": ["corpus", "tokenizer", "proxy", "features", "select", "online"], **named("demo_online")},
     "demo_full": {"data.limit": None, "evaluate.limit": None, "pretrain.token_budget": 300000, **named("demo_full")},
     "dclm_base": {**DCLM, **named("dclm")},
     "fineweb_base": {**FINEWEB, **named("fineweb")},
@@ -107,6 +111,7 @@ def test_every_recipe_file_is_a_known_pick():
     assert sorted(p.stem for p in (RECIPES / "method").glob("*.yaml")) == sorted(["all", "peers", *ALL_METHODS,
                                                                                   *PEER_METHODS])
     assert sorted(p.stem for p in (RECIPES / "dataset").glob("*.yaml")) == ["dclm", "demo", "demo_full", "fineweb"]
+    assert sorted(p.stem for p in (RECIPES / "online").glob("*.yaml")) == ["demo"]
 
 
 @pytest.mark.parametrize("name", sorted(PICKS))
