@@ -31,3 +31,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_features.py
 	$(PY) bench/bench_rounding.py
 	$(PY) bench/bench_datamask.py
+	$(PY) bench/bench_online.py
