@@ -105,7 +105,7 @@ def test_rerun_is_cached(demo_run):
     t = time.perf_counter()
     r = launch(run_dir)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stderr.count("cached") == 9, r.stderr
+    assert r.stderr.count("cached") == 10, r.stderr  # every stage (online: disabled here)
     assert "running" not in r.stderr
     assert time.perf_counter() - t < first / 3
 
@@ -129,13 +129,13 @@ def test_online_comparison_stage(demo_run):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "select: cached" in r.stderr and "online: running" in r.stderr
     arms = json.loads((run_dir / "online" / "comparison.json").read_text())
-    assert list(arms) == ["random", "static", "online"]
+    assert sorted(arms) == ["online", "random", "static"]
     steps = 8192 // (8 * 64)
     for arm, v in arms.items():
         assert v["steps"] == steps and v["tokens_trained"] == steps * 8 * 64
         assert v["n_trained_on"] > 0 and v["val_loss"] > 0 and 0 <= v["olmes_avg"] <= 100
         assert 1 <= v["gvendi_random_final_model"] <= 64 and 1 <= v["gvendi_proxy_independent"] <= 64
-    assert arms["random"]["reselect_seconds"] == 0 and arms["online"]["reselect_seconds"] > 0
+    assert arms["random"]["sketch_seconds"] == 0 and arms["random"]["reselect_seconds"] < 0.1 * arms["online"]["reselect_seconds"]
     assert 0 < arms["online"]["overhead_share"] and arms["online"]["sketch_seconds"] > 0
     online = json.loads((run_dir / "online" / "online" / "result.json").read_text())
     assert [s["rule"] for s in online["segments"]] == ["random"] * 2 + ["online"] * (steps // 4 - 2)
