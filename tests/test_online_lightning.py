@@ -44,23 +44,41 @@ def run(args, settings=None, launcher=()):
                           capture_output=True, text=True, timeout=400)
 
 
-def fit(corpus, out, devices, mode="online", settings=None):
-    proc = run(["fit", corpus / "corpus.jsonl.gz", corpus / "tok.json", out, devices, mode], settings,
-               launcher=(sys.executable,))
+def fit(corpus, out, devices, mode="online", settings=None, checkpoint=None):
+    cmd = [sys.executable, str(SCRIPT), "fit", str(corpus / "corpus.jsonl.gz"), str(corpus / "tok.json"), str(out),
+           str(devices), mode]
+    e = env(**(settings or {}))
+    if checkpoint:
+        e["ONLINE_CHECKPOINT"] = str(checkpoint)
+    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
 
 
 def test_one_process_fit_reselects_with_the_model_and_leaves_it_trainable(corpus, tmp_path):
-    (rank0,) = fit(corpus, tmp_path / "one", 1)
-    assert rank0["rules"] == ["random", "random", "online", "online"]  # 12 steps / R = 3: 4 segments
+    (rank0,) = fit(corpus, tmp_path / "one", 1, settings={"total_steps": 15}, checkpoint=6)
+    assert rank0["rules"] == ["random", "random", "online", "online", "online"]  # 15 steps / R = 3: 5 segments
+    # a Lightning checkpoint at step 6 (ckpt_path): the callback state restores the plan and Gram, the
+    # DataModule serves from the restored step, and the reselection at step 9 picks the same documents
+    assert rank0["resumed"]["segments"] == rank0["segments"]
+    assert rank0["resumed"]["seen"] == rank0["seen"][6:] and len(rank0["seen"]) == 15
     assert rank0["requires_grad"] and rank0["training_mode"]
     planned = [i for s in rank0["segments"] for i in s]
     assert len(planned) == len(set(planned))  # no document planned twice
     assert set(rank0["trained_on"]) <= set(planned) and len(rank0["trained_on"]) >= len(planned) - 4
-    (rand,) = fit(corpus, tmp_path / "random", 1, mode="random")
-    assert rand["segments"][:2] == rank0["segments"][:2]  # the fallback segments are the random rule's
-    assert rand["segments"][2:] != rank0["segments"][2:]
+    from transformers import PreTrainedTokenizerFast
+
+    from spokes_lightning.online.lightning import build_reselector
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tok.json"), eos_token="[EOS]", pad_token="[PAD]")
+    rand = build_reselector(make_docs(150, seed=4), tok, total_steps=15, every_n_steps=3, window=24, global_batch=4,
+                            seq_length=16, seed=1, mode="random")
+    rand.plan_initial()
+    for step in range(1, 15):
+        rand.reselect(None, None, step)
+    ids = [[rand.plan.ids[d] for d in s] for s in rand.plan.segments]
+    assert ids[:2] == rank0["segments"][:2]  # the fallback segments are the random rule's
+    assert ids[2:] != rank0["segments"][2:]  # the later ones are chosen
 
 
 def test_two_process_ddp_fit_holds_one_plan_on_both_ranks(corpus, tmp_path):

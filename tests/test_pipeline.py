@@ -127,7 +127,7 @@ def test_online_comparison_stage(demo_run):
     run_dir, _, _ = demo_run
     r = launch(run_dir, *ONLINE)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "select: cached" in r.stderr and "online: running" in r.stderr
+    assert "features: cached" in r.stderr and "online: running" in r.stderr
     arms = json.loads((run_dir / "online" / "comparison.json").read_text())
     assert sorted(arms) == ["online", "random", "static"]
     steps = 8192 // (8 * 64)

@@ -24,7 +24,6 @@ read back at ``on_train_begin`` when training resumes, whether or not
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from typing import Any
@@ -37,7 +36,7 @@ from transformers.trainer_callback import ExportableState
 from .. import distributed as D
 from ..errors import UserError
 from .plan import OnlinePlan
-from .reselect import OnlineReselector
+from .reselect import OnlineReselector, decode_state, encode_state
 
 _LIVE: dict[str, "OnlineReselectionTrainerCallback"] = {}  # restore_key -> the callback built by the user
 
@@ -116,29 +115,6 @@ class OnlineReselectionTrainerCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.reselector.reselect(model, self.tokenizer, int(state.global_step))
-
-
-def encode_state(value):
-    """JSON-able copy of a reselector state: numpy arrays as exact base64 bytes."""
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": base64.b64encode(np.ascontiguousarray(value).tobytes()).decode(),
-                "dtype": str(value.dtype), "shape": list(value.shape)}
-    if isinstance(value, dict):
-        return {k: encode_state(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode_state(v) for v in value]
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def decode_state(value):
-    if isinstance(value, dict) and "__ndarray__" in value:
-        raw = base64.b64decode(value["__ndarray__"])
-        return np.frombuffer(raw, dtype=value["dtype"]).reshape(value["shape"]).copy()
-    if isinstance(value, dict):
-        return {k: decode_state(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode_state(v) for v in value]
-    return value
 
 
 __all__: Any = ("OnlineTrainerDataset", "OnlineReselectionTrainerCallback")

@@ -26,7 +26,7 @@ from .. import distributed as D
 from ..datamodule import _as_id_text_pairs, _tokenize
 from ..errors import UserError
 from .plan import OnlinePlan, OnlineStreamDataset
-from .reselect import OnlineReselector
+from .reselect import OnlineReselector, decode_state, encode_state
 
 
 def build_reselector(documents, tokenizer, *, total_steps: int, every_n_steps: int, window: int,
@@ -98,7 +98,7 @@ class OnlineReselectionCallback(L.Callback):
             self.train_seconds = time.perf_counter() - self._t0
 
     def state_dict(self) -> dict[str, Any]:
-        return self.datamodule.reselector.state()
+        return encode_state(self.datamodule.reselector.state())  # plain types: weights_only checkpoints load it
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.datamodule.reselector.load_state(state_dict)
+        self.datamodule.reselector.load_state(decode_state(state_dict))

@@ -17,6 +17,7 @@ resumed run needs (plan, Gram, records) with exact float64 values.
 """
 from __future__ import annotations
 
+import base64
 import math
 import time
 from typing import Any, Sequence
@@ -192,3 +193,27 @@ class OnlineReselector:
         self.static_cursor, self.in_gram = int(state["static_cursor"]), int(state["in_gram"])
         self.records = list(state["records"])
         self.trained = TrainedOnGram.from_state(state["trained"]) if "trained" in state else None
+
+
+def encode_state(value):
+    """JSON-able copy of a reselector state, numpy arrays as exact base64 bytes: fits transformers'
+    ``trainer_state.json`` and a Lightning checkpoint loaded with ``torch.load(weights_only=True)``."""
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": base64.b64encode(np.ascontiguousarray(value).tobytes()).decode(),
+                "dtype": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {k: encode_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode_state(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def decode_state(value):
+    if isinstance(value, dict) and "__ndarray__" in value:
+        raw = base64.b64decode(value["__ndarray__"])
+        return np.frombuffer(raw, dtype=value["dtype"]).reshape(value["shape"]).copy()
+    if isinstance(value, dict):
+        return {k: decode_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_state(v) for v in value]
+    return value

@@ -44,20 +44,41 @@ def main():
 
 
 def fit(docs, tok, out, devices, mode, settings):
+    """Train; with ONLINE_CHECKPOINT=k also save a checkpoint at step k, then train a fresh
+    Trainer + DataModule resumed from it (``ckpt_path``) and record both runs."""
     import lightning as L
 
     from spokes_lightning.models.llama import CausalLMModule
     from spokes_lightning.online.lightning import OnlineReselectionCallback, OnlineSelectionDataModule
 
-    dm = OnlineSelectionDataModule(docs, tok, mode=mode, **settings)
-    model = tiny_llama(len(tok))
-    callback = OnlineReselectionCallback(dm)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        max_steps=settings["total_steps"], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[callback])
-    module = CausalLMModule(model, 1e-2, 0.0)
-    trainer.fit(module, datamodule=dm)
+    class Recording(CausalLMModule):
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["tokens"].tolist())
+            return super().training_step(batch, batch_idx)
+
+    every = int(os.environ.get("ONLINE_CHECKPOINT", "0"))
+
+    def run(resume_from=None):
+        dm = OnlineSelectionDataModule(docs, tok, mode=mode, **settings)
+        model = tiny_llama(len(tok))
+        callbacks = [OnlineReselectionCallback(dm)]
+        if every:
+            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=str(out / "ckpt"), every_n_train_steps=every,
+                                                                 save_top_k=-1, filename="{step}"))
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                            max_steps=settings["total_steps"], logger=False, enable_checkpointing=bool(every),
+                            enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                            callbacks=callbacks)
+        module = Recording(model, 1e-2, 0.0)
+        module.seen = []
+        trainer.fit(module, datamodule=dm, ckpt_path=resume_from)
+        return dm, model, trainer, module.seen
+
+    dm, model, trainer, seen = run()
+    if every:
+        resumed_dm, _, _, resumed_seen = run(str(out / "ckpt" / f"step={every}.ckpt"))
+        resumed = {"segments": [[resumed_dm.plan.ids[d] for d in s] for s in resumed_dm.plan.segments],
+                   "seen": resumed_seen}
     plan = dm.plan
     record = {"segments": [[plan.ids[d] for d in s] for s in plan.segments],
               "rules": [r["rule"] for r in dm.reselector.records],
@@ -65,7 +86,9 @@ def fit(docs, tok, out, devices, mode, settings):
               "requires_grad": all(p.requires_grad for p in model.parameters()),
               "training_mode": model.training,
               "param_sum": float(sum(p.double().sum() for p in model.parameters())),
-              "world": trainer.world_size}
+              "world": trainer.world_size, "seen": seen}
+    if every:
+        record["resumed"] = resumed
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
