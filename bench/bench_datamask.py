@@ -61,7 +61,7 @@ def demo_inputs(run_dir: Path) -> SelectionInputs | None:
     from spokes_lightning.selection.pool import SelectionPool
 
     feats = run_dir / "features"
-    needed = [feats / "gradients" / "ids.json", feats / "embeddings" / "ids.json", feats / "quality.npy",
+    needed = [feats / "gradients" / "features.npy", feats / "embeddings" / "features.npy", feats / "quality.npy",
               feats / "quality_ids.json"]
     if not all(p.is_file() for p in needed):
         return None

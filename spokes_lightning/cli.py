@@ -3,6 +3,8 @@
     spokes select --method spokes --features F.npy [--quality Q.npy] --budget B --out OUT.npy
                   [--embeddings E.npy --domains D.npy|D.json --lengths L.npy --plugin my_selector.py]
     spokes gvendi --features F.npy [--indices I.npy] [--batch-size B --batches M --seed S]
+    spokes import-features F.npy --ids IDS.txt|IDS.npy --out STORE [--kind gradients|embeddings]
+                  [--projection NAME --k K --seed S --model NAME --meta KEY=VALUE]
 
 Stdout carries exactly one JSON line; logs and progress go to stderr. Bad input: one line
 on stderr, exit code 2, and OUT is not created.
@@ -247,6 +249,17 @@ def cmd_gvendi(args) -> dict:
     return {"gvendi": score, "batch_gvendi": batch}
 
 
+def cmd_import_features(args) -> dict:
+    from .features.import_store import RESERVED, import_features
+
+    meta = parse_params(args.meta)
+    taken = sorted(set(meta) & set(RESERVED))
+    if taken:
+        raise UserError(f"--meta cannot set {', '.join(taken)} (use the flags of that name)")
+    settings = {"projection": args.projection, "k": args.k, "seed": args.seed, "model": args.model, **meta}
+    return import_features(args.features, args.ids, args.out, args.kind, settings)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         raise UserError(message)
@@ -289,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batches", type=int)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--drop-zero-rows", action="store_true")
+    i = sub.add_parser("import-features", help="make a feature store from an N x d .npy computed elsewhere",
+                       description="Copy F (N x d float16/float32 .npy) and its N document ids into a feature "
+                                   "store the pipeline reads (features.gradients.store=STORE or "
+                                   "embeddings.store=STORE).")
+    i.add_argument("features", metavar="F.npy")
+    i.add_argument("--ids", required=True, help="the ids of F's rows: a text file, one per line, or an .npy "
+                                                "of strings or integers")
+    i.add_argument("--out", required=True, help="the store directory (absent or empty)")
+    i.add_argument("--kind", default="gradients", choices=["gradients", "embeddings"])
+    i.add_argument("--projection", help="provenance: the projection that made F (e.g. kronecker, rademacher)")
+    i.add_argument("--k", type=int, help="provenance: the sketch dimension (checked against F's columns)")
+    i.add_argument("--seed", type=int, help="provenance: the projection seed")
+    i.add_argument("--model", help="provenance: the model whose gradients / embeddings F holds")
+    i.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="more provenance for the manifest (repeatable)")
     return parser
 
 
@@ -308,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
         load_plugins(plugin_args(argv))
         args = build_parser().parse_args(argv)
-        out = cmd_select(args) if args.command == "select" else cmd_gvendi(args)
+        commands = {"select": cmd_select, "gvendi": cmd_gvendi, "import-features": cmd_import_features}
+        out = commands[args.command](args)
     print(json.dumps(out), flush=True)
     return 0
 

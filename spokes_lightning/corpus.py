@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .data.document_store import Document
 from .errors import UserError, require_package
 from .features.hub import hub_offline_reason
 from .resources import shipped_dir
@@ -29,16 +30,6 @@ from .resources import shipped_dir
 DEMO_DIR = shipped_dir("demo_data")  # data/demo of a checkout, or the installed package's copy
 SUPPORTED_SUFFIXES = (".jsonl.gz", ".jsonl", ".parquet")
 _PARQUET_BATCH = 1024
-
-
-@dataclass
-class Document:
-    """One text record. ``meta`` holds every other field of the source record."""
-
-    id: str
-    text: str
-    source: str
-    meta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -50,6 +41,13 @@ class ReadStats:
     derived_ids: int = 0
     replaced_bytes: int = 0
     empty_texts: int = 0
+    skipped: int = 0  # malformed records passed over (data.on_error: skip)
+    skipped_examples: list = field(default_factory=list)  # "<file> line <n>: <why>", the first few
+
+    def skip(self, where: str) -> None:
+        self.skipped += 1
+        if len(self.skipped_examples) < 10:
+            self.skipped_examples.append(where)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -116,8 +114,14 @@ def resolve_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
 
 
 # --------------------------------------------------------------------------- raw records
-def _jsonl_records(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line of a jsonl or jsonl.gz file."""
+ON_ERROR = ("raise", "skip")
+
+
+def _jsonl_records(path: Path, stats: ReadStats, on_error: str = "raise") -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line of a jsonl or jsonl.gz file.
+
+    A malformed line raises one line naming the file and line, or (``on_error="skip"``) is
+    passed over and counted in ``stats``."""
     gz = path.name.lower().endswith(".gz")
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
@@ -129,11 +133,15 @@ def _jsonl_records(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]:
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as exc:
-                    raise UserError(f"{path} line {number}: invalid JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{path} line {number}: expected a JSON object, got "
-                                    f"{type(record).__name__}")
-                yield number, record
+                    problem = f"{path} line {number}: invalid JSON ({exc.msg})"
+                else:
+                    if isinstance(record, dict):
+                        yield number, record
+                        continue
+                    problem = f"{path} line {number}: expected a JSON object, got {type(record).__name__}"
+                if on_error != "skip":
+                    raise UserError(problem + " (data.on_error=skip passes over malformed lines)")
+                stats.skip(problem)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         raise UserError(f"{path}: corrupt or truncated gzip file ({exc})") from None
     except OSError as exc:
@@ -162,10 +170,31 @@ def _parquet_records(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]
             from None
 
 
-def _records(path: Path, stats: ReadStats) -> Iterator[tuple[int, dict]]:
+def _records(path: Path, stats: ReadStats, on_error: str = "raise") -> Iterator[tuple[int, dict]]:
     if _suffix(path) == ".parquet":
         return _parquet_records(path, stats)
-    return _jsonl_records(path, stats)
+    return _jsonl_records(path, stats, on_error)
+
+
+def file_records(path: Path, stats: ReadStats, text_field: str = "text", id_field: str = "id",
+                 on_error: str = "raise", limit: int | None = None) -> Iterator[tuple[int, Document]]:
+    """(line or row number, Document) for one local file, in file order (no duplicate check:
+    the caller checks ids across files). A record without its text field is malformed too."""
+    unit = "row" if _suffix(path) == ".parquet" else "line"
+    n = 0
+    for number, record in _records(path, stats, on_error):
+        if limit is not None and n >= limit:
+            return
+        try:
+            doc = _to_document(record, path, number, text_field, id_field, stats, unit)
+        except UserError as exc:
+            if on_error != "skip":
+                raise
+            stats.skip(str(exc))
+            continue
+        n += 1
+        stats.records += 1
+        yield number, doc
 
 
 # --------------------------------------------------------------------------- documents

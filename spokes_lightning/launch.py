@@ -154,15 +154,23 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# {' '.join(combo)}")
                 print(OmegaConf.to_yaml(cfg), end="")
             return 0
+        from .data.ranks import init_from_environment
+        from .distributed import world
+        from .pipeline.cluster_launch import write_launch_scripts
         from .pipeline.preflight import check_config
         from .pipeline.stage import log
         from .pipeline.stages import STAGES, run_and_report
+
+        init_from_environment()  # under torchrun: one process group for every stage (gloo; NCCL for GPUs in Lightning)
 
         for _, cfg in runs:  # every combination is checked before any heavy work
             check_config(cfg)
         for i, (combo, cfg) in enumerate(runs, 1):
             if len(runs) > 1 or "multirun" in flags:
                 log(f"multirun {i}/{len(runs)}: {' '.join(combo) or '(defaults)'} -> {cfg.run_dir}")
+            if world()[0] == 0:
+                pinned = [o for o in combo if not o.startswith("run_dir=")] + [f"run_dir={cfg.run_dir}"]
+                write_launch_scripts(cfg.run_dir, pinned, cfg.cluster)
             run_and_report(STAGES, cfg)
     return 0
 

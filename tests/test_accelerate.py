@@ -22,6 +22,7 @@ from tiny_proxy import build_tiny_proxy, tiny_documents  # noqa: E402
 from spokes_lightning.errors import UserError  # noqa: E402
 from spokes_lightning.features.extract import extract_features  # noqa: E402
 from spokes_lightning.features.gradients import ProxyGradientModule  # noqa: E402
+from spokes_lightning.features.store import open_feature_store  # noqa: E402
 from spokes_lightning.integrations.accelerate import extract_with_accelerate  # noqa: E402
 
 torch.set_num_threads(1)
@@ -105,8 +106,9 @@ def test_two_processes_match_one_process_and_the_lightning_path(proxy_dir, light
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert rank_reports(one)[0]["chunks"] == list(range(N_CHUNKS))
     for store in (two, one):
-        meta = json.loads((store / "ids.json").read_text())
-        assert meta["ids"] == lightning.ids and meta["skipped"] == lightning.skipped  # ids and order exactly
+        opened = open_feature_store(store)
+        assert opened.ids == lightning.ids and opened.skipped == lightning.skipped  # ids and order exactly
+        assert opened.ids_array().dtype.kind == "S" and not (store / "ids.json").exists()
         manifest = json.loads((store / "manifest.json").read_text())
         assert manifest["complete"] and manifest["chunk_size"] == CHUNK and manifest["n_documents"] == N_DOCS - 2
     ref = np.asarray(lightning.matrix, dtype=np.float32)
@@ -149,7 +151,8 @@ def test_sigkill_then_rerun_resumes_to_byte_identical_features(proxy_dir, two, t
     assert redone == [c for c in range(N_CHUNKS) if c not in done]  # finished chunks were not recomputed
     assert {name: (store / name).stat().st_mtime_ns for name in mtimes} == mtimes
     assert (store / "features.npy").read_bytes() == (two / "features.npy").read_bytes()
-    assert (store / "ids.json").read_bytes() == (two / "ids.json").read_bytes()
+    for name in ("ids.npy", "skipped.json"):
+        assert (store / name).read_bytes() == (two / name).read_bytes()
 
 
 def _store_bytes(store):

@@ -55,18 +55,17 @@ def test_interleave_by_field_round_robins_sources_and_keeps_every_document():
     assert sorted(d.id for d in mixed) == sorted(d.id for d in docs)
 
 
-def test_demo_pool_first_n_mixes_every_large_source():
-    from omegaconf import OmegaConf
+def test_demo_pool_first_n_mixes_every_large_source(tmp_path):
+    from spokes_lightning.data.document_store import DocumentStore
+    from spokes_lightning.data.ingest import IngestSettings, ingest
 
-    from spokes_lightning.pipeline.data_stages import read_corpus
-
-    data = OmegaConf.create({"paths": [str(p) for p in demo_web_paths()], "text_field": "text", "id_field": "id",
-                             "limit": 300, "interleave_by": "source", "hub": None})
-    docs = read_corpus(data)
+    paths = tuple(str(p) for p in demo_web_paths())
+    ingest(IngestSettings(paths=paths, limit=300, interleave_by="source", validation_documents=0), tmp_path / "mixed")
+    docs = list(DocumentStore(tmp_path / "mixed" / "pool"))
     sources = {d.meta["source"] for d in docs}
     assert len(docs) == 300 and {"c4", "dolma_cc", "fineweb"} <= sources
-    data.interleave_by = None
-    assert {d.meta["source"] for d in read_corpus(data)} == {"c4"}  # file order: C4 comes first
+    ingest(IngestSettings(paths=paths, limit=300, validation_documents=0), tmp_path / "ordered")
+    assert {d.meta["source"] for d in DocumentStore(tmp_path / "ordered" / "pool")} == {"c4"}  # file order: C4 first
 
 
 def test_custom_fields_and_derived_ids(tmp_path):

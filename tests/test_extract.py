@@ -1,5 +1,4 @@
 """extract_features: 1 process vs 2-process DDP (gloo), kill + resume, resume at another world size."""
-import json
 import os
 import shutil
 import signal
@@ -19,6 +18,7 @@ from tiny_proxy import build_tiny_proxy, tiny_documents  # noqa: E402
 from spokes_lightning.errors import UserError  # noqa: E402
 from spokes_lightning.features.extract import ChunkedCorpusDataModule, extract_features  # noqa: E402
 from spokes_lightning.features.gradients import ProxyGradientModule  # noqa: E402
+from spokes_lightning.features.store import open_feature_store  # noqa: E402
 
 torch.set_num_threads(1)
 N_DOCS, CHUNK, BATCH = 50, 8, 4
@@ -85,8 +85,8 @@ def test_two_process_ddp_matches_one_process(proxy_dir, reference, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = sorted(int(p.read_text()) for p in tmp_path.glob("ddp.rank*.seen"))
     assert len(seen) == 2 and sum(seen) == N_DOCS and min(seen) > 0  # both ranks did work
-    ddp = json.loads((tmp_path / "ddp" / "ids.json").read_text())
-    assert ddp["ids"] == reference.ids and ddp["skipped"] == reference.skipped
+    ddp = open_feature_store(tmp_path / "ddp")
+    assert ddp.ids == reference.ids and ddp.skipped == reference.skipped
     a = np.asarray(reference.matrix, dtype=np.float32)
     b = np.load(tmp_path / "ddp" / "features.npy").astype(np.float32)
     rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)

@@ -57,9 +57,10 @@ PAPER = {
     "selection.alpha_grid": [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3], "selection.alpha_sweep": False,
     "tokenizer.path": "meta-llama/Llama-3.2-1B", **QUADMIX_PAPER,
 }
-DCLM = {**PAPER, "data.hub.config": "dclm", "data.hub.name": "allenai/dolmino-mix-1124",
+# the paper's pools (SPOKES section 6.1): 173M DCLM documents; FineWeb's 200B tokens in about twice as many
+DCLM = {**PAPER, "data.hub.config": "dclm", "data.hub.name": "allenai/dolmino-mix-1124", "data.limit": 173_000_000,
         "selection.alpha": 0.001, "selection.specs.semdedup.n_clusters": 10000}
-FINEWEB = {**PAPER, "data.hub.config": None, "data.hub.name": "HuggingFaceFW/fineweb",
+FINEWEB = {**PAPER, "data.hub.config": None, "data.hub.name": "HuggingFaceFW/fineweb", "data.limit": 340_000_000,
            "selection.alpha": 0.0005, "selection.specs.semdedup.n_clusters": 20000}
 
 

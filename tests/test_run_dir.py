@@ -114,7 +114,7 @@ def test_changed_budget_trains_on_the_new_selection(rebudgeted, tmp_path):
     from omegaconf import OmegaConf
 
     from spokes_lightning.models.tokenizer import load_tokenizer
-    from spokes_lightning.pipeline.data_stages import load_documents
+    from spokes_lightning.data.document_store import DocumentStore
     from spokes_lightning.models.pretrain import pretrain_on_megatron_data
     from spokes_lightning.models.pretrain_record import read_curve
 
@@ -129,7 +129,7 @@ def test_changed_budget_trains_on_the_new_selection(rebudgeted, tmp_path):
     fresh = pretrain_on_megatron_data(
         run_dir / summary["methods"]["quality"]["megatron_prefix"], load_tokenizer(run_dir / "tokenizer"),
         tmp_path / "fresh", lr=float(OmegaConf.load("recipes/config.yaml").pretrain.lr), seed=0, progress=False,
-        val_documents=[d.text for d in load_documents(run_dir / "corpus/validation.jsonl.gz")], **p)
+        val_documents=[d.text for d in DocumentStore(run_dir / "corpus/validation")], **p)
     rerun = read_curve(run_dir / "pretrain/quality/metrics.csv")
     assert [r["loss"] for r in rerun] == pytest.approx([r["loss"] for r in fresh.curve], rel=1e-5)
     assert summary["methods"]["quality"]["val_loss"] == pytest.approx(fresh.val_loss, rel=1e-5)
@@ -160,12 +160,11 @@ def test_megatron_sample_index_follows_the_data(tmp_path):
 
 
 def test_pool_file_keeps_the_fields_later_stages_read(tmp_path):
+    from spokes_lightning.data.document_store import write_document_store
     from spokes_lightning.features.quality import quality_from_column
-    from spokes_lightning.pipeline.data_stages import load_documents, write_documents
 
     docs = [Document(f"d{i}", f"text {i}", "web", {"score": 0.5 + i, "url": f"u{i}"}) for i in range(5)]
-    write_documents(tmp_path / "pool.jsonl.gz", docs)
-    back = load_documents(tmp_path / "pool.jsonl.gz")
+    back = list(write_document_store(tmp_path / "pool", docs))
     assert back == docs
     assert quality_from_column(back, "score").tolist() == quality_from_column(docs, "score").tolist()
 
@@ -184,20 +183,20 @@ def test_column_quality_survives_a_resume(finished, corpus, tmp_path):
 
 
 def test_pool_file_of_an_older_version_is_rewritten(finished, corpus, tmp_path):
-    """A pool file that kept only id, text and source (older versions) is written again for a column."""
+    """A run_dir whose pool is one jsonl.gz file (older versions) gets the pool written again as a store."""
     run_dir = copy_of(finished, tmp_path)
-    pool = run_dir / "corpus/pool.jsonl.gz"
-    with gzip.open(pool, "rt") as fh:
-        records = [json.loads(line) for line in fh]
-    with gzip.open(pool, "wt") as fh:
-        fh.writelines(json.dumps({k: r[k] for k in ("id", "text", "source")}) + "\n" for r in records)
+    shutil.rmtree(run_dir / "corpus/pool")
+    with gzip.open(run_dir / "corpus/pool.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"id": "x", "text": "old", "source": "web"}) + "\n")
     marker = json.loads((run_dir / "stages/corpus.json").read_text())
     del marker["files"]  # as older versions wrote it
+    marker["outputs"]["pool"] = "corpus/pool.jsonl.gz"
     (run_dir / "stages/corpus.json").write_text(json.dumps(marker))
     r = launch(run_dir, corpus, "stages=[corpus]")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "corpus: pool file was written without the record fields" in r.stderr
-    assert pool.read_bytes() == (finished / "corpus/pool.jsonl.gz").read_bytes()
+    assert "corpus: pool was written by an earlier version" in r.stderr
+    for name in ("index.json", "shard_00000.arrow"):
+        assert (run_dir / "corpus/pool" / name).read_bytes() == (finished / "corpus/pool" / name).read_bytes()
 
 
 # ----------------------------------------------------------------------------- 3: the run_dir lock
@@ -253,13 +252,13 @@ def test_damaged_cached_outputs_are_made_again(finished, corpus, tmp_path):
     assert feats.read_bytes() == good_feats and indices.read_bytes() == good_indices
 
     # outside stages=[...] a damaged stage is not made again: the stage that needs it stops in one line
-    pool = run_dir / "corpus/pool.jsonl.gz"
+    pool = run_dir / "corpus/pool/shard_00000.arrow"
     raw = bytearray(pool.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     pool.write_bytes(bytes(raw))
     (run_dir / "stages/tokenizer.json").unlink()
     line = one_error_line(launch(run_dir, corpus, "stages=[tokenizer]"))
-    assert "stage 'corpus'" in line and "corpus/pool.jsonl.gz" in line and "stages=[...]" in line
+    assert "stage 'corpus'" in line and "corpus/pool/shard_00000.arrow" in line and "stages=[...]" in line
 
 
 def test_damaged_feature_chunks_are_dropped(tmp_path):
@@ -293,16 +292,14 @@ def test_report_made_from_cached_stages_is_byte_identical(finished, corpus, tmp_
     assert rows[:2] == ["random", "quality"]  # selection.methods order, not alphabetical
 
 
-def test_corpus_files_have_fixed_gzip_headers(tmp_path):
-    from spokes_lightning.pipeline.data_stages import write_documents
+def test_document_store_bytes_depend_on_the_documents_alone(tmp_path):
+    from spokes_lightning.data.document_store import write_document_store
 
-    docs = [Document("a", "one", "web"), Document("b", "two", "web")]
-    write_documents(tmp_path / "x.jsonl.gz", docs)
-    write_documents(tmp_path / "y.jsonl.gz", docs)
-    raw = (tmp_path / "x.jsonl.gz").read_bytes()
-    assert raw == (tmp_path / "y.jsonl.gz").read_bytes()
-    assert raw[3] & 0x08 == 0 and raw[4:8] == b"\0\0\0\0"  # no file name, mtime 0
-    assert [json.loads(x)["id"] for x in gzip.decompress(raw).splitlines()] == ["a", "b"]
+    docs = [Document("a", "one", "web", {"url": "u", "score": 1.5}), Document("b", "two", "web")]
+    write_document_store(tmp_path / "x", docs)
+    write_document_store(tmp_path / "y", iter(docs))
+    for name in ("shard_00000.arrow", "index.json"):
+        assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
 
 
 # ----------------------------------------------------------------------------- 13: negative limits
@@ -317,7 +314,7 @@ def test_negative_limits_are_refused(corpus, tmp_path):
 def test_every_limit_setting_refuses_negatives(corpus):
     from omegaconf import OmegaConf
 
-    from spokes_lightning.pipeline.data_stages import read_corpus
+    from spokes_lightning.pipeline.data_stages import ingest_settings
     from spokes_lightning.pipeline.preflight import document_limit
 
     assert document_limit(None, "evaluate.limit") is None and document_limit(0, "evaluate.limit") == 0
@@ -325,10 +322,10 @@ def test_every_limit_setting_refuses_negatives(corpus):
         with pytest.raises(UserError, match="evaluate.limit must be"):
             document_limit(bad, "evaluate.limit")
 
-    data = OmegaConf.create({"paths": [str(corpus)], "text_field": "text", "id_field": "id", "limit": -5,
-                             "interleave_by": "source"})
+    cfg = OmegaConf.create({"seed": 0, "data": {"paths": [str(corpus)], "text_field": "text", "id_field": "id",
+                                                "limit": -5, "interleave_by": "source", "validation_documents": 0}})
     with pytest.raises(UserError, match="data.limit must be >= 0"):
-        read_corpus(data)
+        ingest_settings(cfg)
 
 
 # ----------------------------------------------------------------------------- 15: source mix

@@ -35,13 +35,14 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.document_store import DocumentStore
 from ..errors import UserError
 from ..progress import progress
 from .store import FINALIZE_KEYS, MANIFEST, FeatureStore, FeatureStoreWriter
@@ -65,9 +66,32 @@ def as_pairs(documents: Iterable[Any]) -> list[tuple[str, str]]:
     return pairs
 
 
-def corpus_fingerprint(pairs: Sequence[tuple[str, str]]) -> str:
+def as_source(documents: Iterable[Any]):
+    """A document store as it is (read chunk by chunk later), anything else as ``(id, text)`` pairs."""
+    return documents if isinstance(documents, DocumentStore) else as_pairs(documents)
+
+
+def source_ids(source, block: int = 65536) -> Iterable[str]:
+    """Every document id of a store or a pair list, in corpus order (a store is read block by block)."""
+    if isinstance(source, DocumentStore):
+        for start in range(0, len(source), block):
+            yield from source.column_array("id", start, start + block)
+    else:
+        for doc_id, _ in source:
+            yield doc_id
+
+
+def source_pairs(source, start: int, stop: int) -> list[tuple[str, str]]:
+    """``(id, text)`` of rows ``[start, stop)``."""
+    if isinstance(source, DocumentStore):
+        cols = source.columns(start, stop, ("id", "text"))
+        return list(zip(cols["id"], cols["text"]))
+    return source[start:stop]
+
+
+def corpus_fingerprint(source) -> str:
     h = hashlib.sha256()
-    for doc_id, _ in pairs:
+    for doc_id in source_ids(source):
         h.update(doc_id.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -78,16 +102,19 @@ def _as_is(batch):
 
 
 class _ChunkBatches(Dataset):
-    """Pre-cut batches (each inside one chunk); the DataLoader uses ``batch_size=None``."""
+    """Batches cut inside chunks, read from the source when asked for (the DataLoader uses
+    ``batch_size=None``): a rank holds one batch of texts at a time, never its whole share."""
 
-    def __init__(self, batches: list[dict[str, Any]]):
-        self.batches = batches
+    def __init__(self, source, spans: list[tuple[int, int, int, int]]):
+        self.source, self.spans = source, spans  # (chunk, chunk_len, start row, stop row)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.spans)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.batches[i]
+        c, chunk_len, start, stop = self.spans[i]
+        part = source_pairs(self.source, start, stop)
+        return {"chunk": c, "chunk_len": chunk_len, "ids": [d for d, _ in part], "texts": [t for _, t in part]}
 
 
 class ChunkedCorpusDataModule(L.LightningDataModule):
@@ -98,34 +125,46 @@ class ChunkedCorpusDataModule(L.LightningDataModule):
         super().__init__()
         if chunk_size <= 0 or batch_size <= 0:
             raise UserError(f"chunk_size and batch_size must be positive (got {chunk_size}, {batch_size})")
-        self.pairs = as_pairs(documents)
+        self.source = as_source(documents)
         self.chunk_size, self.batch_size = int(chunk_size), int(batch_size)
         self.done_chunks = set(done_chunks)
 
     @property
     def n_chunks(self) -> int:
-        return (len(self.pairs) + self.chunk_size - 1) // self.chunk_size
+        return (len(self.source) + self.chunk_size - 1) // self.chunk_size
+
+    def chunk_span(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_size, min((c + 1) * self.chunk_size, len(self.source))
+
+    def chunk_length(self, c: int) -> int:
+        first, last = self.chunk_span(c)
+        return last - first
 
     def chunk_documents(self, c: int) -> list[tuple[str, str]]:
-        return self.pairs[c * self.chunk_size : (c + 1) * self.chunk_size]
+        return source_pairs(self.source, *self.chunk_span(c))
+
+    def spans_for(self, rank: int, world_size: int) -> list[tuple[int, int, int, int]]:
+        out = []
+        for c in self.rank_chunks(rank, world_size):
+            first, last = self.chunk_span(c)
+            out += [(c, last - first, s, min(s + self.batch_size, last)) for s in range(first, last, self.batch_size)]
+        return out
 
     def rank_chunks(self, rank: int, world_size: int) -> list[int]:
         return [c for c in range(rank, self.n_chunks, world_size) if c not in self.done_chunks]
 
+    def iter_batches(self, rank: int, world_size: int):
+        """This rank's batches, read one at a time."""
+        batches = _ChunkBatches(self.source, self.spans_for(rank, world_size))
+        return (batches[i] for i in range(len(batches)))
+
     def batches_for(self, rank: int, world_size: int) -> list[dict[str, Any]]:
-        out = []
-        for c in self.rank_chunks(rank, world_size):
-            docs = self.chunk_documents(c)
-            for start in range(0, len(docs), self.batch_size):
-                part = docs[start : start + self.batch_size]
-                out.append({"chunk": c, "chunk_len": len(docs), "ids": [i for i, _ in part],
-                            "texts": [t for _, t in part]})
-        return out
+        return list(self.iter_batches(rank, world_size))
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(_ChunkBatches(self.batches_for(rank, world)), batch_size=None, shuffle=False,
+        return DataLoader(_ChunkBatches(self.source, self.spans_for(rank, world)), batch_size=None, shuffle=False,
                           collate_fn=_as_is)
 
 
@@ -192,11 +231,11 @@ class DocumentProgress(Callback):
             self.bar.close()
 
 
-def store_manifest(module, pairs, chunk_size: int, dtype: str, store_dir: Path) -> dict[str, Any]:
+def store_manifest(module, source, chunk_size: int, dtype: str, store_dir: Path) -> dict[str, Any]:
     """The module's manifest + chunking + corpus identity (+ finalize keys of an existing store)."""
     manifest = dict(module.manifest())
     manifest.update({"chunk_size": int(chunk_size), "dim": int(module.feature_dim), "dtype": dtype,
-                     "n_corpus_documents": len(pairs), "corpus_ids_sha256": corpus_fingerprint(pairs)})
+                     "n_corpus_documents": len(source), "corpus_ids_sha256": corpus_fingerprint(source)})
     old_path = store_dir / MANIFEST
     if old_path.exists():  # finalize() adds these; they are results, not settings
         old = json.loads(old_path.read_text())
@@ -215,8 +254,8 @@ def extract_features(module: L.LightningModule, documents: Iterable[Any], store_
     ``unchecked_keys`` go to :class:`FeatureStoreWriter` (manifest keys the caller vouches for).
     """
     store_dir = Path(store_dir)
-    pairs = as_pairs(documents)
-    if not pairs:
+    pairs = as_source(documents)
+    if not len(pairs):
         raise UserError("no documents to extract features from")
     dtype = str(getattr(module, "feature_dtype", "float16"))
     writer = FeatureStoreWriter(store_dir, store_manifest(module, pairs, chunk_size, dtype, store_dir), unchecked_keys)
@@ -233,7 +272,7 @@ def extract_features(module: L.LightningModule, documents: Iterable[Any], store_
         inference_mode=False, use_distributed_sampler=False,
         callbacks=[chunk_writer, *(callbacks or [])],
     )
-    pending = sum(len(data.chunk_documents(c)) for c in data.rank_chunks(0, max(1, trainer.world_size)))
+    pending = sum(data.chunk_length(c) for c in data.rank_chunks(0, max(1, trainer.world_size)))
     if progress:
         trainer.callbacks.append(DocumentProgress(pending, f"features ({type(module).__name__})"))
     # a rank may have no pending chunk (fewer chunks left than ranks, e.g. a resume): it idles

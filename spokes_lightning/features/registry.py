@@ -37,7 +37,9 @@ from ..errors import UserError
 #: in each store directory: the key of what its chunks were computed from
 INPUTS_FILE = "inputs.json"
 #: the files of a finished store that later stages read
-STORE_FILES = ("features.npy", "ids.json", "manifest.json")
+STORE_FILES = ("features.npy", "ids.npy", "skipped.json", "manifest.json")
+#: the same for a store written before ids.npy (an imported store may be one): ids + skipped in one file
+LEGACY_STORE_FILES = ("features.npy", "ids.json", "manifest.json")
 
 _REGISTRY: dict[str, type["FeatureFamily"]] = {}
 
@@ -92,9 +94,44 @@ def families() -> list[FeatureFamily]:
 
 
 def extract_kwargs(cfg) -> dict:
-    """The ``features.*`` settings :func:`~spokes_lightning.features.extract.extract_features` takes."""
-    return {"chunk_size": int(cfg.features.chunk_size), "batch_size": int(cfg.features.batch_size),
-            "devices": cfg.features.devices, "strategy": cfg.features.strategy}
+    """The ``features.*`` settings :func:`~spokes_lightning.features.extract.extract_features` takes.
+
+    Under ``torchrun`` (a process group of several ranks) Lightning runs on those ranks:
+    ``LOCAL_WORLD_SIZE`` devices per node, ``WORLD_SIZE / LOCAL_WORLD_SIZE`` nodes, DDP.
+    """
+    import os
+
+    from ..distributed import world
+
+    out = {"chunk_size": int(cfg.features.chunk_size), "batch_size": int(cfg.features.batch_size),
+           "devices": cfg.features.devices, "strategy": cfg.features.strategy}
+    _, world_size = world()
+    if world_size > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        out.update(devices=local, num_nodes=world_size // local, strategy="ddp")
+    return out
+
+
+def drop_null_store(node, *keys):
+    """The config section ``node`` without the ``store`` entry of ``node.<keys>`` when that is null.
+
+    Stage and store keys hash these sections; leaving a null ``store`` out keeps the keys of runs
+    made before the setting existed (their computed stores stay usable)."""
+    inner = node
+    for key in keys:
+        inner = inner.get(key) if inner is not None else None
+    if inner is None or "store" not in inner or inner.get("store") is not None:
+        return node
+    from copy import deepcopy
+
+    from omegaconf import open_dict
+
+    copy = target = deepcopy(node)
+    for key in keys:
+        target = target[key]
+    with open_dict(target):
+        del target["store"]
+    return copy
 
 
 def corpus_inputs(ctx, **settings) -> dict:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..features.extract import ChunkedCorpusDataModule, ChunkWriter, as_pairs, store_manifest
+from ..features.extract import ChunkedCorpusDataModule, ChunkWriter, as_source, store_manifest
 from ..features.store import FeatureStore, FeatureStoreWriter, open_feature_store
 from ..progress import progress as progress_bar
 from ..selection.driver import on_all_ranks
@@ -112,8 +112,8 @@ def extract_with_accelerate(model_or_module: Any, documents: Iterable[Any], stor
     """
     if int(chunk_size) <= 0 or int(batch_size) <= 0:
         raise UserError(f"chunk_size and batch_size must be positive (got {chunk_size}, {batch_size})")
-    pairs = as_pairs(documents)
-    if not pairs:
+    pairs = as_source(documents)
+    if not len(pairs):
         raise UserError("no documents to extract features from")
     if accelerator is None:
         from accelerate import Accelerator
@@ -151,7 +151,7 @@ def extract_with_accelerate(model_or_module: Any, documents: Iterable[Any], stor
 
         def run_batches() -> list[int]:
             bar = progress_bar(desc=f"features ({type(module).__name__})", unit="doc",
-                               total=sum(len(data.chunk_documents(c)) for c in pending),
+                               total=sum(data.chunk_length(c) for c in pending),
                                disable=not (progress and accelerator.is_main_process))
             try:
                 module.to(accelerator.device)
@@ -160,7 +160,7 @@ def extract_with_accelerate(model_or_module: Any, documents: Iterable[Any], stor
                 with ExitStack() as stack:
                     stack.enter_context(accelerator.no_sync(wrapped) if wrapped is not None else nullcontext())
                     stack.enter_context(torch.no_grad())  # as Trainer.predict(inference_mode=False)
-                    for i, batch in enumerate(data.batches_for(rank, world)):
+                    for i, batch in enumerate(data.iter_batches(rank, world)):
                         prediction = module.predict_step(batch, i)  # the Lightning path's code, batch by batch
                         chunk_writer.write_on_batch_end(None, module, prediction, None, batch, i)
                         bar.update(len(batch["ids"]))
@@ -178,7 +178,7 @@ def extract_with_accelerate(model_or_module: Any, documents: Iterable[Any], stor
         from accelerate.utils import gather_object
 
         reports = gather_object([{"rank": rank, "chunks": list(chunk_writer.chunks_written),
-                                  "documents": sum(len(data.chunk_documents(c)) for c in chunk_writer.chunks_written)}])
+                                  "documents": sum(data.chunk_length(c) for c in chunk_writer.chunks_written)}])
         accelerator.wait_for_everyone()
 
         def finalize():

@@ -1,119 +1,106 @@
-"""Stages 0-2: corpus (read + hold out validation), tokenizer, proxy LM."""
+"""Stages 0-2: corpus (read once, hold out validation, write the pool to disk), tokenizer, proxy LM."""
 from __future__ import annotations
 
-import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, save_npy_atomic
-from ..corpus import Document, interleave_by_field, read_documents, stream_hub_dataset
+from ..atomic import save_npy_atomic
+from ..corpus import Document
+from ..data.document_store import DocumentStore, open_document_store
+from ..data.id_index import IdIndex
+from ..data.ingest import IngestSettings, ingest
 from ..errors import UserError
+from ..progress import progress
 from .preflight import document_limit
 from .stage import RunContext, Stage, log, to_plain
 
 
-def write_documents(path: Path, docs: list[Document]) -> None:
-    """jsonl.gz of id, text, source and every other field of the record (``meta``: quality columns, ...).
-
-    The gzip header holds no file name and mtime 0, so the same documents give the same bytes.
-    """
-    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as fh:
-            for d in docs:
-                record = {"id": d.id, "text": d.text, "source": d.source, "meta": d.meta}
-                fh.write((json.dumps(record, default=str) + "\n").encode())
-
-
-def load_documents(path: Path) -> list[Document]:
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return [Document(r["id"], r["text"], r["source"], r.get("meta") or {}) for r in map(json.loads, fh)]
-
-
-def pool_documents(ctx: RunContext) -> list[Document]:
+def pool_documents(ctx: RunContext) -> DocumentStore:
+    """The pool as a lazy on-disk store (len, store[i], take(rows), batches(), iteration)."""
     if "pool" not in ctx.documents:
-        ctx.documents["pool"] = load_documents(ctx.run_dir / ctx.output("corpus")["pool"])
+        ctx.documents["pool"] = open_document_store(ctx.run_dir / ctx.output("corpus")["pool"])
     return ctx.documents["pool"]
 
 
-def validation_documents(ctx: RunContext) -> list[Document]:
+def pool_index(ctx: RunContext) -> IdIndex:
+    """Pool ids -> pool rows (16 bytes per document), built once per process."""
+    if "pool_index" not in ctx.documents:
+        ctx.documents["pool_index"] = IdIndex.of_store(pool_documents(ctx))
+    return ctx.documents["pool_index"]
+
+
+def pool_rows(ctx: RunContext, ids) -> np.ndarray:
+    """Pool rows of ``ids`` (every one must be in the pool: one line otherwise)."""
+    rows = pool_index(ctx).rows(list(ids))
+    if (rows < 0).any():
+        missing = list(ids)[int(np.flatnonzero(rows < 0)[0])]
+        raise UserError(f"document {missing!r} is not in the pool of {ctx.run_dir}; was the corpus stage made again?")
+    return rows
+
+
+def documents_by_ids(ctx: RunContext, ids) -> list[Document]:
+    """The pool documents with ``ids``, in that order (each checked against its id)."""
+    ids = list(ids)
+    docs = pool_documents(ctx).take(pool_rows(ctx, ids))
+    for want, doc in zip(ids, docs):
+        if doc.id != want:
+            raise UserError(f"document {want!r} is not in the pool of {ctx.run_dir}")
+    return docs
+
+
+def validation_documents(ctx: RunContext) -> DocumentStore:
     if "validation" not in ctx.documents:
-        ctx.documents["validation"] = load_documents(ctx.run_dir / ctx.output("corpus")["validation"])
+        ctx.documents["validation"] = open_document_store(ctx.run_dir / ctx.output("corpus")["validation"])
     return ctx.documents["validation"]
 
 
-def read_corpus(data) -> list[Document]:
-    """Local files (data.paths) or a hub stream (data.hub.name), first data.limit documents.
-
-    With ``data.interleave_by`` (a field name, local files only) the documents are first
-    round-robined over that field's values, so the first N mix every source.
-    """
-    limit = document_limit(data.get("limit"), "data.limit")
-    if data.paths:
-        field_name = data.get("interleave_by")
-        docs = read_documents(list(data.paths), text_field=data.text_field, id_field=data.id_field,
-                              limit=None if field_name else limit)
-        if field_name:
-            docs = interleave_by_field(docs, str(field_name))[:limit]
-        return docs
-    if data.get("hub") and data.hub.get("name"):
-        if data.get("interleave_by"):
-            raise UserError("data.interleave_by works on local files (data.paths) only, not on a hub stream")
-        docs = stream_hub_dataset(data.hub.name, data.hub.get("config"), data.hub.get("split", "train"),
-                                  text_field=data.text_field, id_field=data.id_field, limit=limit)
-        return list(docs)
-    raise UserError("no data: set data.paths=[...] (local jsonl/jsonl.gz/parquet) or data.hub.name")
+def ingest_settings(cfg) -> IngestSettings:
+    """The corpus stage's settings from ``data.*`` and ``seed`` (checked: one line if bad)."""
+    data = cfg.data
+    hub = to_plain(data.get("hub"))
+    return IngestSettings(
+        paths=tuple(str(p) for p in (data.paths or [])), hub=hub if hub and hub.get("name") else None,
+        text_field=str(data.text_field), id_field=str(data.id_field),
+        limit=document_limit(data.get("limit"), "data.limit"),
+        interleave_by=str(data.interleave_by) if data.get("interleave_by") else None,
+        validation_documents=int(data.validation_documents), seed=int(cfg.seed),
+        on_error=str(data.get("on_error") or "raise"),
+        shard_documents=int(data.get("shard_documents") or 1 << 20))
 
 
 class CorpusStage(Stage):
-    """Read the corpus and hold out a validation set BEFORE any features are computed."""
+    """Read the corpus once, streaming, hold out a validation set BEFORE any features are computed,
+    and write the pool and the validation set as on-disk document stores (:mod:`..data.ingest`)."""
 
     name = "corpus"
+    all_ranks = True  # input files and pool shards are split over the ranks (data/ingest.py)
 
     def settings(self, cfg):
-        return {"data": cfg.data, "seed": cfg.seed}
+        # data.workers changes who does the work, not what is written
+        data = {k: v for k, v in to_plain(cfg.data).items() if k != "workers"}
+        return {"data": data, "seed": cfg.seed}
 
     def outdated(self, cfg, run_dir, outputs):
-        """Pool files written before records kept their fields cannot serve quality.source=column."""
-        if cfg.quality.source != "column":
-            return None
-        with gzip.open(run_dir / outputs["pool"], "rt", encoding="utf-8") as fh:
-            first = fh.readline()
-        if first and "meta" not in json.loads(first):
-            return "pool file was written without the record fields that quality.source=column reads"
+        if not (run_dir / outputs["pool"] / "index.json").exists():
+            return "pool was written by an earlier version (one jsonl.gz file, not a document store)"
         return None
 
     def handed_on(self, outputs):
         return [outputs["pool"], outputs["validation"]]
 
     def run(self, ctx):
-        data = ctx.cfg.data
-        docs = read_corpus(data)
-        n_val = int(data.validation_documents)
-        if not docs:
-            raise UserError(f"the corpus is empty: no documents with text in {list(data.paths) or data.get('hub')}")
-        candidates = [i for i, d in enumerate(docs) if len(d.text.split()) >= 20]
-        if n_val and n_val >= len(candidates):
-            raise UserError(f"data.validation_documents={n_val} needs more documents of >= 20 words than the "
-                            f"{len(candidates)} of {len(docs)} in the corpus; lower it or add data")
-        rng = np.random.default_rng(int(ctx.cfg.seed) + 7919)
-        val_idx = set(rng.choice(candidates, size=n_val, replace=False).tolist()) if n_val else set()
-        pool = [d for i, d in enumerate(docs) if i not in val_idx]
-        val = [d for i, d in enumerate(docs) if i in val_idx]
+        settings = ingest_settings(ctx.cfg)
+        summary = ingest(settings, ctx.run_dir / "corpus", workers=int(ctx.cfg.data.get("workers") or 1))
         from .preflight import check_pool_budget
 
-        check_pool_budget(ctx.cfg, len(pool))
-        write_documents(ctx.path("corpus", "pool.jsonl.gz"), pool)
-        write_documents(ctx.path("corpus", "validation.jsonl.gz"), val)
-        # later stages read the files back, in this process as in a resumed one
-        ctx.documents.clear()
-        sources = {}
-        for d in pool:
-            sources[d.source] = sources.get(d.source, 0) + 1
-        log(f"corpus: {len(docs)} documents read, {len(val)} held out for validation, {len(pool)} in the pool")
-        return {"pool": "corpus/pool.jsonl.gz", "validation": "corpus/validation.jsonl.gz",
-                "n_read": len(docs), "n_pool": len(pool), "n_validation": len(val), "sources": sources}
+        check_pool_budget(ctx.cfg, summary["n_pool"])
+        ctx.documents.clear()  # later stages open the stores
+        skipped = summary["skipped_records"]
+        log(f"corpus: {summary['n_read']} documents read, {summary['n_validation']} held out for validation, "
+            f"{summary['n_pool']} in the pool" + (f"; {skipped} malformed record(s) skipped (data.on_error=skip), "
+                                                   f"e.g. {summary['skipped_examples'][0]}" if skipped else ""))
+        return {"pool": "corpus/pool", "validation": "corpus/validation", **summary}
 
 
 def export_tokenizer(ctx: RunContext):
@@ -121,6 +108,18 @@ def export_tokenizer(ctx: RunContext):
     from ..models.tokenizer import load_tokenizer
 
     return load_tokenizer(ctx.run_dir / ctx.output("tokenizer")["dir"])
+
+
+def token_lengths(tok, pool, block: int = 4096) -> np.ndarray:
+    """Tokens per pool document (no special tokens), tokenized block by block."""
+    lengths = np.zeros(len(pool), dtype=np.int64)
+    bar = progress(desc="token lengths", total=len(pool), unit="doc")
+    for first, docs in pool.batches(block):
+        ids = tok([d.text for d in docs], add_special_tokens=False)["input_ids"]
+        lengths[first : first + len(docs)] = [len(x) for x in ids]
+        bar.update(len(docs))
+    bar.close()
+    return lengths
 
 
 class TokenizerStage(Stage):
@@ -145,9 +144,8 @@ class TokenizerStage(Stage):
             tok = load_tokenizer(cfg.path)
             tok.save_pretrained(str(out))
         else:
-            tok = train_tokenizer([d.text for d in pool], vocab_size=int(cfg.vocab_size), out_dir=out)
-        lengths = np.array([len(ids) for ids in tok([d.text for d in pool], add_special_tokens=False)["input_ids"]],
-                           dtype=np.int64)
+            tok = train_tokenizer((d.text for d in pool), vocab_size=int(cfg.vocab_size), out_dir=out)
+        lengths = token_lengths(tok, pool)
         save_npy_atomic(ctx.path("corpus", "lengths.npy"), lengths)
         log(f"tokenizer: vocab {len(tok)}, pool has {int(lengths.sum())} tokens")
         return {"dir": ctx.rel(out), "vocab_size": len(tok), "lengths": "corpus/lengths.npy",

@@ -9,6 +9,7 @@ from .stage import Stage
 
 class FeaturesStage(Stage):
     name = "features"
+    all_ranks = True  # extraction is Lightning DDP over the torchrun ranks (registry.extract_kwargs)
     volatile = ("manifest.json",)  # store manifests name the proxy's path, which moves with the run_dir
     needs = ("corpus", "tokenizer", "proxy")
 

@@ -14,7 +14,7 @@ from ..features.store import open_feature_store
 from ..selection.artifact import read_selection
 from ..vendi import batch_vendi_score, vendi_score
 from . import plots
-from .data_stages import pool_documents
+from .data_stages import pool_documents, pool_rows
 from ..selection.compare import subset_overlap_pct
 from .select_stage import ordered_methods, selection_pool, spokes_method
 from .stage import RunContext, Stage
@@ -116,7 +116,7 @@ def selection_table(ctx: RunContext, summary: dict) -> str:
     methods = list(summary["methods"])
     ids = {m: np.asarray(read_selection(ctx.run_dir / summary["methods"][m]["selection"]).indices) for m in methods}
     pool = selection_pool(ctx)
-    source_of = {d.id: d.source for d in pool_documents(ctx)}
+    store = pool_documents(ctx)
     head = ("| Method | n selected | tokens | epochs | G-Vendi | G-Vendi (indep. proj.) | batch G-Vendi | "
             "mean quality | mean length | source mix | " + " | ".join(f"overlap {m} %" for m in methods) + " |\n")
     head += "|---" * (10 + len(methods)) + "|\n"
@@ -124,8 +124,9 @@ def selection_table(ctx: RunContext, summary: dict) -> str:
     for m in methods:
         s = summary["methods"][m]
         srcs: dict[str, int] = {}
-        for i in ids[m]:
-            srcs[source_of[pool.ids[i]]] = srcs.get(source_of[pool.ids[i]], 0) + 1
+        rows = pool_rows(ctx, [pool.ids[i] for i in ids[m]])
+        for source in store.take_columns(rows, ("source",))["source"]:
+            srcs[source] = srcs.get(source, 0) + 1
         mix = source_mix(srcs)
         fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
         copies = "" if s.get("n_copies", s["n_selected"]) == s["n_selected"] else f" ({s['n_copies']} with copies)"
@@ -134,6 +135,20 @@ def selection_table(ctx: RunContext, summary: dict) -> str:
                      f"{s['mean_length']:.0f} | {mix} | "
                      + " | ".join(f"{subset_overlap_pct(ids[m], ids[o]):.0f}" for o in methods) + " |\n")
     return head + "".join(lines)
+
+
+def feature_sources(feats: dict) -> str:
+    """Where the gradient features and embeddings came from (one line), and why an independent column is n/a."""
+    def origin(key: str, computed: str) -> str:
+        path = feats.get(f"{key}_imported_from")
+        return f"imported from `{path}`" if path else computed
+
+    line = (f"Features: gradients {origin('gradients', 'computed here with the proxy LM')}; "
+            f"embeddings {origin('embeddings', 'computed here')}.\n\n")
+    if feats.get("gradients_imported_from"):
+        line += ("The gradient features were imported: there is no independent projection of them, so the "
+                 "G-Vendi (indep. proj.) column is n/a.\n\n")
+    return line
 
 
 def representation_markdown(summary) -> str:
@@ -238,6 +253,7 @@ class ReportStage(Stage):
                  "other, not with the published 1B/100B-token numbers below.\n\n", paper_reference(),
                  "\n## Selections\n\nG-Vendi is on the gradient features SPOKES optimized; the independent column "
                  "re-scores the same documents under a gradient sketch with another projection seed.\n\n",
+                 feature_sources(ctx.output("features")),
                  selection_table(ctx, summary), representation_markdown(summary),
                  "\n## Decontamination (documents sharing a "
                  f"{cfg.evaluate.decontamination_ngram}-gram with any evaluation item)\n\n| Method | contaminated | of |\n|---|---|---|\n",

@@ -22,7 +22,7 @@ from ..selection.driver import Budget, select_methods
 from ..selection.pool import Lazy, SelectionPool
 from ..selectors import load_plugins, selector_class
 from ..selectors.spokes import SpokesSelector, alpha_sweep
-from .data_stages import export_tokenizer, pool_documents, validation_documents
+from .data_stages import documents_by_ids, export_tokenizer, pool_documents, validation_documents
 from .stage import RunContext, Stage, log, to_plain
 
 
@@ -36,7 +36,7 @@ def selection_pool(ctx: RunContext) -> SelectionPool:
     quality = np.load(ctx.run_dir / feats["quality"])
     q_ids = json.loads((ctx.run_dir / feats["quality_ids"]).read_text())
     docs = pool_documents(ctx)
-    doc_ids = [d.id for d in docs]
+    doc_ids = docs.column_array("id")
     lengths = np.load(ctx.run_dir / ctx.output("tokenizer")["lengths"])
     sources = {"features": (grads.ids, grads.matrix), "embeddings": (emb.ids, emb.matrix),
                "quality": (q_ids, quality), "lengths": (doc_ids, lengths)}
@@ -61,10 +61,9 @@ def selection_pool(ctx: RunContext) -> SelectionPool:
         pool.inputs.extras = {**(pool.inputs.extras or {}), **extras}
     if "kmeans" in rule:
         pool.providers["domains"] = lambda p: embedding_clusters(p, int(rule["kmeans"]), int(ctx.cfg.seed))
-    pool.context.update(texts=Lazy(lambda: [by_id[i].text for i in pool.ids]), seed=int(ctx.cfg.seed),
+    pool.context.update(texts=Lazy(lambda: [d.text for d in documents_by_ids(ctx, pool.ids)]), seed=int(ctx.cfg.seed),
                         validation_texts=Lazy(lambda: [d.text for d in validation_documents(ctx)]),
                         tokenizer=Lazy(lambda: export_tokenizer(ctx)), work_dir=ctx.run_dir / "select" / "work")
-    by_id = {d.id: d for d in docs}
     ctx.selection_pool = pool
     return pool
 
@@ -86,7 +85,10 @@ def domain_rule(cfg) -> dict:
 
 def document_domains(docs, name: str) -> list[str] | None:
     """Each document's ``name`` field (``source`` or a record field); None when no document has it."""
-    values = [d.source if name == "source" else d.meta.get(name) for d in docs]
+    if name == "source" and hasattr(docs, "column_array"):  # a document store: one column, no texts
+        values = docs.column_array("source")
+    else:
+        values = [d.source if name == "source" else d.meta.get(name) for d in docs]
     if all(v in (None, "") for v in values):
         return None
     return ["" if v is None else str(v) for v in values]
@@ -134,6 +136,7 @@ def spokes_method(cfg) -> tuple[str, dict] | None:
 
 class SelectStage(Stage):
     name = "select"
+    all_ranks = True  # collective selectors (SPOKES) shard the pool's rows over the ranks
     volatile = ("manifest.json",)  # selection manifests hold a creation time and the selector's timings
     needs = ("corpus", "tokenizer", "features")
 

@@ -25,7 +25,11 @@ from .output_check import first_problem, record_outputs, remove_outputs
 
 
 def log(message: str) -> None:
-    print(f"[spokes] {message}", file=sys.stderr, flush=True)
+    """One ``[spokes]`` line on stderr (rank 0 alone under a process group)."""
+    from ..distributed import world
+
+    if world()[0] == 0:
+        print(f"[spokes] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -66,6 +70,9 @@ class Stage:
     #: names of handed-on files that record timings: checked for damage, but a change in them
     #: alone does not make dependants run again
     volatile: tuple[str, ...] = ()
+    #: under a process group (``torchrun``): True = every rank runs the stage, each on its shard
+    #: (corpus, features, select, export); False = rank 0 runs it while the others wait
+    all_ranks: bool = False
 
     def settings(self, cfg: DictConfig) -> Any:
         """The part of the config that determines this stage's outputs."""
@@ -124,6 +131,19 @@ def _content(files: dict | None, stage: Stage) -> dict | None:
     return None if files is None else {k: v for k, v in files.items() if Path(k).name not in stage.volatile}
 
 
+def _follow_rank_zero(ctx: RunContext, stage: Stage, marker_path: Path, key: str, old: dict | None,
+                      superseded: set[str]) -> None:
+    """A rank > 0 takes a stage's outputs from the marker rank 0 just wrote (the same bookkeeping)."""
+    marker = read_marker(marker_path)
+    if marker is None or marker["key"] != key:
+        raise UserError(f"{stage.name}: rank 0 did not finish the stage (see its log)")
+    ctx.results[stage.name] = marker["outputs"]
+    ctx.stage_seconds[stage.name] = marker["seconds"]
+    if old is not None and _content(old.get("files"), stage) != _content(marker.get("files"), stage):
+        superseded.add(stage.name)
+    ctx.ran.append(stage.name)
+
+
 def run_pipeline(stages: list[Stage], cfg: DictConfig, selected: list[str] | None = None) -> RunContext:
     """Run (or take from run_dir) every stage; ``selected`` limits what may run.
 
@@ -131,6 +151,10 @@ def run_pipeline(stages: list[Stage], cfg: DictConfig, selected: list[str] | Non
     again (or, outside ``selected``, it is marked unusable). A stage made again under an
     unchanged key whose outputs came out different makes its dependants run again too.
     """
+    from ..data.ranks import barrier
+    from ..distributed import world
+
+    rank, world_size = world()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
@@ -141,6 +165,7 @@ def run_pipeline(stages: list[Stage], cfg: DictConfig, selected: list[str] | Non
             raise UserError(f"unknown stage '{name}'; stages are: {', '.join(names)}")
     superseded: set[str] = set()  # stages whose outputs differ from what their dependants were made from
     for stage in stages:
+        barrier()  # every rank sees the markers rank 0 has written so far
         key = _key(to_plain(stage.settings(cfg)), [ctx.keys.get(n, "") for n in stage.needs])
         ctx.keys[stage.name] = key
         marker_path = run_dir / "stages" / f"{stage.name}.json"
@@ -162,19 +187,30 @@ def run_pipeline(stages: list[Stage], cfg: DictConfig, selected: list[str] | Non
                 if problem.startswith(STALE):
                     superseded.add(stage.name)
             continue
-        if problem:
+        if problem and rank == 0:
             log(f"{stage.name}: {problem}; making it again")
             remove_outputs(run_dir, old.get("files", {}))
-        log(f"{stage.name}: running")
+        barrier()
+        if world_size > 1 and not stage.all_ranks and rank != 0:
+            barrier()  # rank 0 runs the stage and writes its marker
+            _follow_rank_zero(ctx, stage, marker_path, key, old if same_key else None, superseded)
+            continue
+        log(f"{stage.name}: running" + (f" on {world_size} ranks" if world_size > 1 and stage.all_ranks else ""))
         t = time.perf_counter()
         outputs = json_round_trip(stage.run(ctx))  # the same values whether used now or read back later
         seconds[stage.name] = time.perf_counter() - t
         ctx.results[stage.name] = outputs
+        if rank != 0:
+            barrier()  # rank 0 records the outputs and writes the marker
+            _follow_rank_zero(ctx, stage, marker_path, key, old if same_key else None, superseded)
+            continue
         files = record_outputs(run_dir, stage.handed_on(outputs))
         if same_key and _content(old.get("files"), stage) != _content(files, stage):
             superseded.add(stage.name)
         write_json_atomic(marker_path, {"key": key, "seconds": seconds[stage.name], "outputs": outputs,
                                         "files": files})
+        if world_size > 1:
+            barrier()
         ctx.ran.append(stage.name)
         log(f"{stage.name}: done in {seconds[stage.name]:.1f} s")
     return ctx

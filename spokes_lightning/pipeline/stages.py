@@ -27,6 +27,10 @@ def run_and_report(stages, cfg):
 
 def announce(ctx: RunContext) -> None:
     """``Report: <path>`` when report.md belongs to this run's settings; else which stages ran."""
+    from ..distributed import world
+
+    if world()[0] != 0:
+        return
     report = (ctx.run_dir / "report.md").resolve()
     if "report" in ctx.results:
         log(f"report: {report}")

@@ -4,16 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..selection.artifact import read_selection
-from .data_stages import export_tokenizer, pool_documents, validation_documents
+from .data_stages import documents_by_ids, export_tokenizer, pool_documents, pool_rows, validation_documents
 from .select_stage import ordered_methods
-from .stage import RunContext, Stage, log
+from .stage import RunContext, Stage, log, to_plain
 
 
-def _selected_documents(ctx: RunContext, method: str):
-    """(the method's documents in selection order, the copies of each)."""
+def _selected_rows(ctx: RunContext, method: str):
+    """(the pool rows of the method's documents in selection order, the copies of each)."""
     sel = read_selection(ctx.run_dir / ctx.output("select")["methods"][method]["selection"])
-    by_id = {d.id: d for d in pool_documents(ctx)}
-    return [by_id[i] for i in sel.ids], sel.copies()
+    return pool_rows(ctx, sel.ids), sel.copies()
 
 
 class ExportStage(Stage):
@@ -21,9 +20,10 @@ class ExportStage(Stage):
 
     name = "export"
     needs = ("corpus", "tokenizer", "select")
+    all_ranks = True  # tokenizer shards are split over the ranks (shard s on rank s % world), rank 0 merges
 
     def settings(self, cfg):
-        return cfg.export
+        return {k: v for k, v in to_plain(cfg.export).items() if k != "workers"}  # workers: who, not what
 
     def handed_on(self, outputs):
         return [path for exp in outputs.values()
@@ -36,15 +36,18 @@ class ExportStage(Stage):
         tok = export_tokenizer(ctx)
         out = {}
         e = ctx.cfg.export
+        pool = pool_documents(ctx)
         for method in ordered_methods(ctx.cfg, ctx.output("select")["methods"]):
-            docs, copies = _selected_documents(ctx, method)
-            res = export_selection(docs, [d.id for d in docs], method, ctx.run_dir, tok, copies=copies,
-                                   seq_length=int(e.seq_length), global_batch_size=int(e.global_batch_size),
-                                   lr=float(e.lr), train_tokens=float(e.train_tokens))
+            rows, copies = _selected_rows(ctx, method)
+            res = export_selection(pool, rows, method, ctx.run_dir, tok, copies=copies,
+                                   workers=int(e.get("workers") or 1), seq_length=int(e.seq_length),
+                                   global_batch_size=int(e.global_batch_size), lr=float(e.lr),
+                                   train_tokens=float(e.train_tokens))
             out[method] = {"n_docs": res.n_docs, "n_tokens": res.n_tokens_without_eod,
                            "megatron_prefix": ctx.rel(Path(res.data_prefix + ".bin"))[: -len(".bin")],
                            "script": ctx.rel(Path(res.script_path)), "jsonl": ctx.rel(Path(res.jsonl_path)),
-                           "parquet": ctx.rel(Path(res.parquet_path))}
+                           "parquet": ctx.rel(Path(res.parquet_path)),
+                           "timings": {k: v for k, v in res.timings.items() if k.endswith("_s")}}
             log(f"export: {method}: {res.n_docs} documents, {res.n_tokens_without_eod} tokens -> {out[method]['megatron_prefix']}")
         return out
 
@@ -104,7 +107,8 @@ class EvaluateStage(Stage):
         methods = ctx.output("select")["methods"]
         selections = {m: read_selection(ctx.run_dir / methods[m]["selection"]).ids
                       for m in ordered_methods(ctx.cfg, methods)}
-        contamination = contamination_by_selection(selections, [(d.id, d.text) for d in pool_documents(ctx)],
+        selected = sorted({i for ids in selections.values() for i in ids})
+        contamination = contamination_by_selection(selections, [(d.id, d.text) for d in documents_by_ids(ctx, selected)],
                                                    n=int(e.decontamination_ngram))
         for m, c in contamination.items():
             out["contamination"][m] = {"n_contaminated": c["n_contaminated"], "n_documents": c["n_documents"],

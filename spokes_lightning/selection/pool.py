@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..data.id_arrays import IdArray, first_duplicate, id_array
 from ..errors import UserError
 from ..selectors.base import INPUT_HINTS, SelectionInputs, Selector
 from .artifact import array_sha256
@@ -114,27 +115,34 @@ class SelectionPool:
             if name not in ("features", "embeddings", "quality", "lengths", "domains") and not name.startswith("extras."):
                 raise UserError(f"unknown selection input '{name}'; known: {', '.join(INPUT_HINTS)}")
         ref_name, (ref_ids, _) = next(iter(everything.items()))
-        ref_ids = [str(i) for i in ref_ids]
-        index = {}
+        ref = id_array(ref_ids)
+        if first_duplicate(ref) is not None:
+            raise UserError(f"{said(ref_name)} lists a document id more than once")
+        arrays: dict[str, np.ndarray | None] = {}  # None: the same ids in the same order as the reference
         for name, (ids, values) in everything.items():
-            ids = [str(i) for i in ids]
-            if len(set(ids)) != len(ids):
+            arr = ref if name == ref_name else id_array(ids)
+            if len(arr) != len(values):
+                raise UserError(f"{said(name)} has {len(values)} rows but {len(arr)} ids")
+            same = len(arr) == len(ref) and bool(np.array_equal(arr, ref))
+            if not same and first_duplicate(arr) is not None:
                 raise UserError(f"{said(name)} lists a document id more than once")
-            if len(ids) != len(values):
-                raise UserError(f"{said(name)} has {len(values)} rows but {len(ids)} ids")
-            if strict and len(ids) != len(ref_ids):
-                raise UserError(f"{said(name)} has {len(ids)} documents but {said(ref_name)} has {len(ref_ids)}")
-            if strict and set(ids) != set(ref_ids):
+            if strict and len(arr) != len(ref):
+                raise UserError(f"{said(name)} has {len(arr)} documents but {said(ref_name)} has {len(ref)}")
+            if strict and not same and not np.array_equal(np.sort(arr), np.sort(ref)):
                 raise UserError(f"{said(name)} and {said(ref_name)} cover different documents")
-            index[name] = None if ids == ref_ids else {doc: r for r, doc in enumerate(ids)}
-        ids = [doc for doc in ref_ids if all(w is None or doc in w for w in index.values())]
-        ref_rows = {doc: r for r, doc in enumerate(ref_ids)}
+            arrays[name] = None if same else arr
+        keep = np.ones(len(ref), dtype=bool)
+        for arr in arrays.values():
+            if arr is not None:
+                keep &= np.isin(ref, arr)
+        ids = ref if keep.all() else ref[keep]
 
         def rows_of(name):
-            if index[name] is None and len(ids) == len(ref_ids):
-                return None  # already aligned: no copy
-            where = ref_rows if index[name] is None else index[name]
-            return np.array([where[doc] for doc in ids], dtype=np.int64)
+            arr = arrays[name]
+            if arr is None:
+                return None if len(ids) == len(ref) else np.flatnonzero(keep)
+            order = np.argsort(arr, kind="stable")
+            return order[np.searchsorted(arr[order], ids)]
 
         aligned = {name: _gather(values, rows_of(name),
                                  vector=name not in ("features", "embeddings") and not name.startswith("extras."))
@@ -146,14 +154,14 @@ class SelectionPool:
                 finite &= np.isfinite(aligned[name])
         if not finite.all():  # documents without a finite score cannot be ranked: drop them
             rows = np.flatnonzero(finite)
-            ids = [ids[r] for r in rows]
+            ids = ids[rows]
             aligned = {name: _gather(v, rows, vector=isinstance(v, list)) for name, v in aligned.items()}
         domains, domain_names = _labels(aligned.pop("domains")) if "domains" in aligned else (None, None)
         scores = {k.split(".", 1)[1]: aligned.pop(k) for k in list(aligned) if k.startswith("quality_scores.")}
         extras = {k.split(".", 1)[1]: aligned.pop(k) for k in list(aligned) if k.startswith("extras.")}
-        inputs = SelectionInputs(ids=ids, domains=domains, domain_names=domain_names,
+        inputs = SelectionInputs(ids=IdArray(ids), domains=domains, domain_names=domain_names,
                                  quality_scores=scores or None, extras=extras or None, **aligned)
-        total = len(ref_ids) if n_total is None else int(n_total)
+        total = len(ref) if n_total is None else int(n_total)
         return cls(inputs=inputs, n_unselectable=total - len(ids))
 
 

@@ -1,7 +1,25 @@
-"""Family ``embeddings``: mean-pooled, L2-normalised sentence embeddings of every pool document."""
+"""Family ``embeddings``: mean-pooled, L2-normalised sentence embeddings of every pool document.
+
+With ``embeddings.store`` set (a store made by ``spokes import-features --kind embeddings``, or
+another run's ``features/embeddings``) nothing is computed: the store is validated against the pool
+and handed on by its absolute path (outputs ``embeddings`` and ``embeddings_imported_from``).
+"""
 from __future__ import annotations
 
-from ..registry import STORE_FILES, FeatureFamily, corpus_inputs, extract_kwargs, register, store_for_inputs
+from pathlib import Path
+
+from ..registry import (LEGACY_STORE_FILES, STORE_FILES, FeatureFamily, corpus_inputs, drop_null_store, extract_kwargs,
+                        register, store_for_inputs)
+
+SETTING = "embeddings.store"
+
+
+def embeddings_store_path(ctx) -> Path:
+    """Where this run's embeddings store is: the configured one, else ``features/embeddings``."""
+    from ..import_store import configured_store
+
+    imported = configured_store(ctx.cfg.embeddings)
+    return imported.resolve() if imported is not None else ctx.run_dir / "features" / "embeddings"
 
 
 @register
@@ -11,12 +29,19 @@ class Embeddings(FeatureFamily):
     order = 200
 
     def settings(self, cfg) -> dict:
-        return {"embeddings": cfg.embeddings}
+        return {"embeddings": drop_null_store(cfg.embeddings)}
+
+    def check(self, cfg) -> None:
+        from ..import_store import check_configured_store, configured_store
+
+        path = configured_store(cfg.embeddings)
+        if path is not None:
+            check_configured_store(path, SETTING, "embeddings")
 
     def cache_key(self, ctx) -> dict:
         from ...pipeline.stage import to_plain
 
-        return corpus_inputs(ctx, model=to_plain(ctx.cfg.embeddings))
+        return corpus_inputs(ctx, model={k: v for k, v in to_plain(ctx.cfg.embeddings).items() if k != "store"})
 
     def module(self, ctx):
         from ..embeddings import EmbeddingModule
@@ -27,11 +52,19 @@ class Embeddings(FeatureFamily):
         from ...pipeline.data_stages import pool_documents
         from ...pipeline.stage import log
         from ..extract import extract_features
+        from ..import_store import configured_store, use_configured_store
 
+        imported = configured_store(ctx.cfg.embeddings)
+        if imported is not None:
+            path = use_configured_store(ctx, imported, SETTING, "embeddings")
+            return {"embeddings": path, "embeddings_imported_from": path}
         emb = extract_features(self.module(ctx), pool_documents(ctx), store_for_inputs(ctx, "embeddings", self.cache_key(ctx)),
                                **extract_kwargs(ctx.cfg))
         log(f"features: embeddings {emb.matrix.shape}")
         return {"embeddings": "features/embeddings"}
 
     def handed_on(self, outputs: dict) -> list[str]:
-        return [f"{outputs['embeddings']}/{f}" for f in STORE_FILES] if outputs.get("embeddings") else []
+        if not outputs.get("embeddings"):
+            return []
+        files = sorted({*STORE_FILES, *LEGACY_STORE_FILES}) if outputs.get("embeddings_imported_from") else STORE_FILES
+        return [f"{outputs['embeddings']}/{f}" for f in files]

@@ -3,12 +3,21 @@
 With ``report.gvendi_independent`` both projection seeds' sketches come from one backward
 pass (store ``gradients_two_seeds``) and are split into ``gradients`` and
 ``gradients_independent`` (seed + :data:`INDEPENDENT_SEED_OFFSET`, for the report's G-Vendi).
+
+With ``features.gradients.store`` set (a store made by ``spokes import-features``, or another
+run's ``features/gradients``) nothing is computed and no proxy is needed: the store is validated
+against the pool and handed on by its absolute path (outputs ``gradients`` and
+``gradients_imported_from``); there is no ``gradients_independent`` then.
 """
 from __future__ import annotations
 
 import shutil
 
-from ..registry import STORE_FILES, FeatureFamily, extract_kwargs, register, store_for_inputs
+from ...errors import UserError
+from ..registry import (LEGACY_STORE_FILES, STORE_FILES, FeatureFamily, drop_null_store, extract_kwargs, register,
+                        store_for_inputs)
+
+SETTING = "features.gradients.store"
 
 #: the independent projection (report's G-Vendi under a seed SPOKES never saw) uses seed + this
 INDEPENDENT_SEED_OFFSET = 1000
@@ -21,7 +30,21 @@ class Gradients(FeatureFamily):
     order = 100
 
     def settings(self, cfg) -> dict:
-        return {"features": cfg.features, "seed": cfg.seed, "independent": cfg.report.gvendi_independent}
+        return {"features": drop_null_store(cfg.features, "gradients"), "seed": cfg.seed,
+                "independent": cfg.report.gvendi_independent}
+
+    def check(self, cfg) -> None:
+        from ..import_store import check_configured_store, configured_store
+        from .quad_reference import quad_methods
+
+        path = configured_store(cfg.features.gradients)
+        if path is None:
+            return
+        check_configured_store(path, SETTING, "gradients")
+        quad = sorted(quad_methods(cfg))
+        if quad:
+            raise UserError(f"method {quad[0]} sketches its reference direction with the proxy exactly as the "
+                            f"gradient features were sketched; it cannot be used with {SETTING}={path}")
 
     def seeds(self, cfg) -> list[int]:
         seed = int(cfg.seed)
@@ -30,8 +53,9 @@ class Gradients(FeatureFamily):
     def cache_key(self, ctx, seeds: list[int] | None = None) -> dict:
         from ...pipeline.stage import to_plain
 
+        settings = {k: v for k, v in to_plain(ctx.cfg.features.gradients).items() if k != "store"}
         return {**{n: ctx.keys.get(n) for n in ("corpus", "tokenizer", "proxy")},
-                "gradients": to_plain(ctx.cfg.features.gradients), "seeds": list(seeds or self.seeds(ctx.cfg)),
+                "gradients": settings, "seeds": list(seeds or self.seeds(ctx.cfg)),
                 "chunk_size": int(ctx.cfg.features.chunk_size)}
 
     def module(self, ctx, seeds: list[int] | None = None):
@@ -59,9 +83,16 @@ class Gradients(FeatureFamily):
 
     def run(self, ctx) -> dict:
         from ...pipeline.stage import log
+        from ..import_store import configured_store, use_configured_store
         from ..store import write_column_slice
 
         cfg = ctx.cfg
+        imported = configured_store(cfg.features.gradients)
+        if imported is not None:  # computed elsewhere: no proxy, no independent projection
+            path = use_configured_store(ctx, imported, SETTING, "gradients")
+            if cfg.report.gvendi_independent:
+                log("features: gradients are imported, so there is no independent projection for the report")
+            return {"gradients": path, "gradients_imported_from": path}
         seeds = self.seeds(cfg)
         k = int(cfg.features.gradients.k)
         out = {}
@@ -82,4 +113,5 @@ class Gradients(FeatureFamily):
 
     def handed_on(self, outputs: dict) -> list[str]:
         stores = [outputs[k] for k in ("gradients", "gradients_independent") if outputs.get(k)]
-        return [f"{store}/{f}" for store in stores for f in STORE_FILES]
+        files = sorted({*STORE_FILES, *LEGACY_STORE_FILES}) if outputs.get("gradients_imported_from") else STORE_FILES
+        return [f"{store}/{f}" for store in stores for f in files]
