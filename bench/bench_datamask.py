@@ -25,7 +25,6 @@ features stage, the demo corpus's gradient sketches, MiniLM embeddings and quali
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -62,11 +61,11 @@ def demo_inputs(run_dir: Path) -> SelectionInputs | None:
 
     feats = run_dir / "features"
     needed = [feats / "gradients" / "features.npy", feats / "embeddings" / "features.npy", feats / "quality.npy",
-              feats / "quality_ids.json"]
+              feats / "quality_ids.npy"]
     if not all(p.is_file() for p in needed):
         return None
     grads, emb = open_feature_store(feats / "gradients"), open_feature_store(feats / "embeddings")
-    q_ids = json.loads((feats / "quality_ids.json").read_text())
+    q_ids = [i.decode() for i in np.load(feats / "quality_ids.npy").tolist()]
     pool = SelectionPool.join({"features": (grads.ids, grads.matrix), "embeddings": (emb.ids, emb.matrix),
                                "quality": (q_ids, np.load(feats / "quality.npy"))})
     return pool.inputs

@@ -92,6 +92,8 @@ def build_proxy(directory: Path, docs, proxy: str = "llama", device: str = "cpu"
             model = Qwen3ForCausalLM(Qwen3Config(**QWEN3_0_6B)).to(torch.bfloat16)
         model.save_pretrained(directory)
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return directory
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
                          num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
@@ -211,17 +213,21 @@ def floor_comparison(module, docs, batch_size):
     batches = floor_batches(module, docs, batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in params} == {id(p) for p in module.grad_params.values()}
-    # the module's no-grad prefix ends at the first selected block; a plain training step gets the same
-    # graph if the input-embedding output carries no grad (it would, through the tied head weight)
-    detach = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.detach())
+    embedding = model.get_input_embeddings()
 
     def kronecker(ids, mask):
         with torch.enable_grad():
             module.kronecker_rows(ids, mask).detach().float()
 
     def bare(ids, mask):
-        with torch.enable_grad():
-            bare_step(model, ids, mask)
+        # the module's no-grad prefix ends at the first selected block; a plain training step builds the
+        # same graph when the input-embedding output carries no grad (it would, through the tied head)
+        detach = embedding.register_forward_hook(lambda _m, _a, out: out.detach())
+        try:
+            with torch.enable_grad():
+                bare_step(model, ids, mask)
+        finally:
+            detach.remove()
 
     def clear():
         for p in params:
@@ -231,6 +237,7 @@ def floor_comparison(module, docs, batch_size):
     try:
         kronecker(*batches[0])  # warm-up: builds the sketch matrices and the final projector
         bare(*batches[0])
+        assert all(p.grad is not None for p in params), "the bare backward missed a selected parameter"
         clear()
         for n, (ids, mask) in enumerate(batches):
             k_times.append(synced_seconds(lambda: kronecker(ids, mask), device))
@@ -239,7 +246,6 @@ def floor_comparison(module, docs, batch_size):
             print(f"  floor batch {n + 1}/{len(batches)}: kronecker {k_times[-1]:.3f} s, bare {b_times[-1]:.3f} s",
                   file=sys.stderr, flush=True)
     finally:
-        detach.remove()
         clear()
     docs_per_batch = sum(len(ids) for ids, _ in batches) / len(batches)
     tokens_per_batch = sum(int(mask.sum()) for _, mask in batches) / len(batches)
@@ -250,9 +256,9 @@ def floor_section(proxy_dir: Path, docs, args, device: str, dtype) -> None:
     module = ProxyGradientModule(str(proxy_dir), n_layers=2, k=K, max_length=args.floor_max_length,
                                  projection="kronecker")
     module.to(device=device, dtype=dtype)
-    sample = docs[1 : 1 + args.n_floor]
+    n_batches = max(1, args.n_floor // args.floor_batch)  # whole batches only: every timed batch is alike
+    sample = docs[1 : 1 + n_batches * args.floor_batch]
     t_kron, t_bare, per_batch, tokens = floor_comparison(module, sample, args.floor_batch)
-    n_batches = -(-len(sample) // args.floor_batch)
     cfg = module.model.config
     where = f"{device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else f", {args.threads} thread")
     print(f"floor ({args.proxy} proxy: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocab "
@@ -300,7 +306,7 @@ def main() -> None:
         ap.error("--floor-batch must be >= 1 and --floor-max-length >= 2")
     torch.set_num_threads(args.threads)
     # the proxy's tokenizer is trained on the same documents whichever sections run
-    docs = web_documents(max(args.n_throughput, args.n_overlap, args.n_extract, args.n_floor) + 1)
+    docs = web_documents(max(args.n_throughput, args.n_overlap, args.n_extract, args.n_floor, args.floor_batch) + 1)
     with tempfile.TemporaryDirectory() as tmp:
         proxy = build_proxy(Path(tmp) / "proxy", docs, args.proxy, device, args.floor_max_length)
         if sections & {"throughput", "overlap"}:

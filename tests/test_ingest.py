@@ -201,3 +201,29 @@ def test_bad_settings_are_one_line(tmp_path):
         ingest(IngestSettings(paths=tuple(paths), validation_documents=100), tmp_path / "o")
     with pytest.raises(UserError, match="no finished document store"):
         ds.DocumentStore(tmp_path / "nowhere")
+
+
+def test_report_counts_skipped_records(tmp_path):
+    from spokes_lightning.pipeline.report_stage import corpus_line
+
+    bad = tmp_path / "x.jsonl"
+    bad.write_text("\n".join([json.dumps({"id": f"d{i}", "text": "w " * 30}) for i in range(9)] + ["{oops"]) + "\n")
+    summary = ingest(IngestSettings(paths=(str(bad),), validation_documents=2, on_error="skip"), tmp_path / "o")
+    line = corpus_line(summary)
+    assert "9 documents read from 1 input(s), 2 held out" in line and "1 malformed record(s) skipped" in line
+    assert "x.jsonl line 10: invalid JSON" in line
+
+
+def test_training_sample_is_a_seeded_subset_in_pool_order(tmp_path):
+    from spokes_lightning.pipeline.data_stages import training_sample
+
+    paths = write_corpus(tmp_path, sizes=(400, 30, 70), seed=8)
+    ingest(IngestSettings(paths=tuple(paths), validation_documents=0), tmp_path / "o")
+    pool = ds.DocumentStore(tmp_path / "o" / "pool")
+    assert training_sample(pool, None, 0, "x") is pool and training_sample(pool, 10_000, 0, "x") is pool
+    a, b, c = (training_sample(pool, 50, seed, "x") for seed in (0, 0, 1))
+    order = {d.id: r for r, d in enumerate(pool)}
+    assert [d.id for d in a] == [d.id for d in b] != [d.id for d in c]
+    assert len(a) == 50 and [order[d.id] for d in a] == sorted(order[d.id] for d in a)
+    with pytest.raises(UserError, match="x must be"):
+        training_sample(pool, -3, 0, "x")

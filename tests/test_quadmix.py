@@ -409,8 +409,8 @@ def test_heuristic_family_writes_named_scores_the_select_stage_reads(tmp_path):
     family = QualityHeuristics()
     out = family.run(ctx)
     assert sorted(out) == sorted(f"quality_scores.{h}" for h in HEURISTICS)
-    for name in HEURISTICS:  # what select_stage.selection_pool reads: {scores: .npy, ids: .json}
+    for name in HEURISTICS:  # what select_stage.selection_pool reads: {scores: .npy, ids: .npy of S<n>}
         value = out[f"quality_scores.{name}"]
-        assert json.loads((tmp_path / value["ids"]).read_text()) == ["d0", "d1", "d2"]
+        assert np.load(tmp_path / value["ids"]).tolist() == [b"d0", b"d1", b"d2"]
         np.testing.assert_allclose(np.load(tmp_path / value["scores"]), [heuristic_scores(d.text)[name] for d in docs])
     assert all((tmp_path / f).is_file() for f in family.handed_on(out)) and len(family.handed_on(out)) == 5

@@ -176,7 +176,7 @@ def test_column_quality_survives_a_resume(finished, corpus, tmp_path):
     r = launch(run_dir, corpus, "stages=[features]")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "features: running" in r.stderr
-    for name in ("quality.npy", "quality_ids.json", "gradients/features.npy", "embeddings/features.npy"):
+    for name in ("quality.npy", "quality_ids.npy", "gradients/features.npy", "embeddings/features.npy"):
         assert (run_dir / "features" / name).read_bytes() == (finished / "features" / name).read_bytes()
     assert json.loads((run_dir / "stages/features.json").read_text())["key"] == \
         json.loads((finished / "stages/features.json").read_text())["key"]

@@ -16,7 +16,7 @@ corpus order (a pure function of the corpus and ``chunk_size``), gives chunk ``c
 ``c % world_size``, skips chunks the store already has, and writes each chunk atomically
 (:class:`~spokes_lightning.features.store.FeatureStoreWriter`) as soon as its last row arrives.
 After predict all ranks meet at a barrier and rank 0 concatenates the chunks in corpus order
-into ``features.npy`` + ``ids.json`` (idempotent). A killed run resumes without recomputing
+into ``features.npy`` + ``ids.npy`` (idempotent). A killed run resumes without recomputing
 finished chunks, at any world size; a store made with other settings (or another corpus) is
 refused with one :class:`UserError` line. Example::
 

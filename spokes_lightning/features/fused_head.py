@@ -70,15 +70,18 @@ class HeadCrossEntropy(torch.autograd.Function):
         projected = {key: [] for key in ctx.out_sides}
         scale = torch.where(targets != IGNORE, grad_losses.to(cdt) * token_weights.to(cdt),
                             torch.zeros((), dtype=cdt, device=hidden.device))
+        # cast once, not per chunk (a no-op in float32; one copy of the head for a bf16 model)
+        weight_cdt = weight.to(cdt)
+        sides_cdt = {key: r_out.T.to(cdt) for key, r_out in ctx.out_sides.items()}
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             delta = torch.softmax((hidden[rows] @ weight.T).to(cdt), dim=1)  # fresh tensor, edited in place
             idx = torch.arange(delta.shape[0], device=delta.device)
             delta[idx, targets[rows].clamp_min(0)] -= 1.0
             delta.mul_(scale[rows].unsqueeze(1))  # ignored rows become exactly zero
-            grad_hidden[rows] = (delta @ weight.to(cdt)).to(hidden.dtype)
-            for key, r_out in ctx.out_sides.items():
-                projected[key].append(delta @ r_out.T.to(cdt))
+            grad_hidden[rows] = (delta @ weight_cdt).to(hidden.dtype)
+            for key, side in sides_cdt.items():
+                projected[key].append(delta @ side)
         for key, parts in projected.items():
             ctx.sink[key] = torch.cat(parts)
         return grad_hidden, None, None, None, None, None, None

@@ -148,6 +148,9 @@ def store_for_inputs(ctx, name: str, derives_from: dict) -> Path:
     """
     from ..pipeline.stage import log
 
+    from ..data.ranks import barrier
+    from ..distributed import world
+
     path = ctx.run_dir / "features" / name
     key = hashlib.sha256(json.dumps(derives_from, sort_keys=True, default=str).encode()).hexdigest()[:16]
     record = path / INPUTS_FILE
@@ -155,16 +158,39 @@ def store_for_inputs(ctx, name: str, derives_from: dict) -> Path:
         same = json.loads(record.read_text()).get("key") == key
     except (OSError, ValueError, AttributeError):
         same = False
-    if not same:
+    barrier()  # every rank has looked before rank 0 empties the store
+    if not same and world()[0] == 0:
         if path.exists():
             log(f"features: {name}: the chunks there were computed from other inputs; computing them again")
             shutil.rmtree(path)
         write_json_atomic(record, {"key": key, "inputs": derives_from})
+    barrier()
     return path
 
 
+def pool_id_array(pool, block: int = 1 << 16) -> np.ndarray:
+    """Every pool id in pool order as ``S<n>`` (a document store is read one id block at a time)."""
+    from ..data.id_arrays import encode_ids
+
+    if hasattr(pool, "column_array"):
+        parts = [encode_ids(pool.column_array("id", s, s + block)) for s in range(0, len(pool), block)]
+    else:
+        parts = [encode_ids([d.id for d in pool])]
+    return np.concatenate(parts) if parts else encode_ids([])
+
+
+def read_ids(path) -> list | np.ndarray:
+    """A per-document id file: ``.npy`` (``S<n>``) or a JSON list (run dirs of older versions)."""
+    import json as _json
+    from pathlib import Path as _Path
+
+    path = _Path(path)
+    return np.load(path) if path.suffix == ".npy" else _json.loads(path.read_text())
+
+
 class QualitySource(FeatureFamily):
-    """A quality score per pool document -> ``features/quality.npy`` (+ ``quality_ids.json``).
+    """A quality score per pool document -> ``features/quality.npy`` (+ ``quality_ids.npy``, the ids
+    as fixed-width UTF-8: 173M ids are no JSON list to parse).
 
     Exactly one source runs: the one named by ``quality.source``. Subclasses give ``source``
     and ``scores(ctx, pool) -> (scores, extra outputs)``.
@@ -188,9 +214,9 @@ class QualitySource(FeatureFamily):
         pool = pool_documents(ctx)
         scores, extra = self.scores(ctx, pool)
         save_npy_atomic(ctx.path("features", "quality.npy"), np.asarray(scores, dtype=np.float64))
-        write_json_atomic(ctx.path("features", "quality_ids.json"), [d.id for d in pool])
+        save_npy_atomic(ctx.path("features", "quality_ids.npy"), pool_id_array(pool))
         return {"quality_source": self.source, **extra,
-                "quality": "features/quality.npy", "quality_ids": "features/quality_ids.json"}
+                "quality": "features/quality.npy", "quality_ids": "features/quality_ids.npy"}
 
     def handed_on(self, outputs: dict) -> list[str]:
         return [outputs["quality"], outputs["quality_ids"]] if outputs.get("quality_source") == self.source else []

@@ -110,6 +110,16 @@ def export_tokenizer(ctx: RunContext):
     return load_tokenizer(ctx.run_dir / ctx.output("tokenizer")["dir"])
 
 
+def training_sample(pool: DocumentStore, count, seed: int, setting: str):
+    """The pool (``count`` null) or a seeded sample of ``count`` pool documents in pool order, read
+    with one ``take``: what a tokenizer or proxy trained here sees of a pool too large to hold."""
+    count = document_limit(count, setting)
+    if count is None or count >= len(pool):
+        return pool
+    rows = np.sort(np.random.default_rng(seed + 104729).choice(len(pool), size=count, replace=False))
+    return pool.take(rows)
+
+
 def token_lengths(tok, pool, block: int = 4096) -> np.ndarray:
     """Tokens per pool document (no special tokens), tokenized block by block."""
     lengths = np.zeros(len(pool), dtype=np.int64)
@@ -144,7 +154,8 @@ class TokenizerStage(Stage):
             tok = load_tokenizer(cfg.path)
             tok.save_pretrained(str(out))
         else:
-            tok = train_tokenizer((d.text for d in pool), vocab_size=int(cfg.vocab_size), out_dir=out)
+            sample = training_sample(pool, cfg.get("sample_documents"), int(ctx.cfg.seed), "tokenizer.sample_documents")
+            tok = train_tokenizer((d.text for d in sample), vocab_size=int(cfg.vocab_size), out_dir=out)
         lengths = token_lengths(tok, pool)
         save_npy_atomic(ctx.path("corpus", "lengths.npy"), lengths)
         log(f"tokenizer: vocab {len(tok)}, pool has {int(lengths.sum())} tokens")
@@ -160,7 +171,10 @@ class ProxyStage(Stage):
     needs = ("corpus", "tokenizer")
 
     def settings(self, cfg):
-        return {"model": cfg.proxy.model, "train": cfg.proxy.train, "seed": cfg.seed}
+        settings = {"model": cfg.proxy.model, "train": cfg.proxy.train, "seed": cfg.seed}
+        if cfg.proxy.get("sample_documents") is not None:
+            settings["sample_documents"] = cfg.proxy.sample_documents
+        return settings
 
     def handed_on(self, outputs):
         return [outputs["model"]] if outputs["trained"] else []
@@ -175,7 +189,9 @@ class ProxyStage(Stage):
         from ..models.proxy_training import train_proxy
 
         out = ctx.path("proxy", "x").parent
-        train_proxy(pool_documents(ctx), ctx.run_dir / ctx.output("tokenizer")["dir"], out,
+        sample = training_sample(pool_documents(ctx), cfg.get("sample_documents"), int(ctx.cfg.seed),
+                                 "proxy.sample_documents")
+        train_proxy(sample, ctx.run_dir / ctx.output("tokenizer")["dir"], out,
                     seed=int(ctx.cfg.seed), **to_plain(cfg.train))
         done = json.loads((out / "done.json").read_text())
         return {"model": ctx.rel(out), "trained": True, "loss": done.get("loss")}

@@ -45,7 +45,10 @@ def _quality(ctx: RunContext) -> dict[str, float] | None:
     feats = ctx.output("features")
     if not feats.get("quality"):
         return None
-    ids = json.loads((ctx.run_dir / feats["quality_ids"]).read_text())
+    from ..data.id_arrays import IdArray, id_array
+    from ..features.registry import read_ids
+
+    ids = list(IdArray(id_array(read_ids(ctx.run_dir / feats["quality_ids"]))))
     return dict(zip(ids, np.load(ctx.run_dir / feats["quality"]).astype(float).ravel().tolist()))
 
 

@@ -137,6 +137,16 @@ def selection_table(ctx: RunContext, summary: dict) -> str:
     return head + "".join(lines)
 
 
+def corpus_line(corpus: dict) -> str:
+    """How the pool was read: documents read, held out, and malformed records passed over."""
+    line = (f"\nCorpus: {corpus['n_read']} documents read from {corpus.get('inputs', '?')} input(s), "
+            f"{corpus['n_validation']} held out for validation, {corpus['n_pool']} in the pool")
+    if corpus.get("skipped_records"):
+        line += (f"; {corpus['skipped_records']} malformed record(s) skipped (`data.on_error: skip`), "
+                 f"e.g. {corpus['skipped_examples'][0]}")
+    return line + ".\n"
+
+
 def feature_sources(feats: dict) -> str:
     """Where the gradient features and embeddings came from (one line), and why an independent column is n/a."""
     def origin(key: str, computed: str) -> str:
@@ -247,6 +257,7 @@ class ReportStage(Stage):
                  f"counted not selected); budget {cfg.selection.budget} ({cfg.selection.budget_unit}); "
                  f"alpha for spokes_quality = {sel['alpha']:g}"
                  f"{' (auto, paper section 3.2)' if cfg.selection.alpha == 'auto' else ''}.\n",
+                 corpus_line(ctx.output("corpus")),
                  "\n## Downstream accuracy (paper Table 2 layout; % , ± standard error; **best**, <u>second</u>)\n\n",
                  table2(summary, tasks),
                  "\nScale note: these are tiny local models trained on the demo pool; compare methods with each "

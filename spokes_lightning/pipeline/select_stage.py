@@ -11,12 +11,12 @@ the earlier stages' files and records what it wrote.
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
 from ..atomic import write_json_atomic
 from ..errors import UserError
+from ..features.registry import pool_id_array, read_ids
 from ..features.store import open_feature_store
 from ..selection.driver import Budget, select_methods
 from ..selection.pool import Lazy, SelectionPool
@@ -34,9 +34,9 @@ def selection_pool(ctx: RunContext) -> SelectionPool:
     grads = open_feature_store(ctx.run_dir / feats["gradients"])
     emb = open_feature_store(ctx.run_dir / feats["embeddings"])
     quality = np.load(ctx.run_dir / feats["quality"])
-    q_ids = json.loads((ctx.run_dir / feats["quality_ids"]).read_text())
+    q_ids = read_ids(ctx.run_dir / feats["quality_ids"])
     docs = pool_documents(ctx)
-    doc_ids = docs.column_array("id")
+    doc_ids = pool_id_array(docs)
     lengths = np.load(ctx.run_dir / ctx.output("tokenizer")["lengths"])
     sources = {"features": (grads.ids, grads.matrix), "embeddings": (emb.ids, emb.matrix),
                "quality": (q_ids, quality), "lengths": (doc_ids, lengths)}
@@ -48,12 +48,12 @@ def selection_pool(ctx: RunContext) -> SelectionPool:
     extras = {}
     for key, value in feats.items():  # what feature families hand on under these two prefixes
         if key.startswith("quality_scores."):  # {scores: .npy, ids: .json}: a named per-document score
-            named[key.split(".", 1)[1]] = (json.loads((ctx.run_dir / value["ids"]).read_text()),
+            named[key.split(".", 1)[1]] = (read_ids(ctx.run_dir / value["ids"]),
                                            np.load(ctx.run_dir / value["scores"]))
         elif key.startswith("extras."):  # {array: .npy[, ids: .json]}: per document with ids, else global
             array = np.load(ctx.run_dir / value["array"])
             if value.get("ids"):
-                sources[key] = (json.loads((ctx.run_dir / value["ids"]).read_text()), array)
+                sources[key] = (read_ids(ctx.run_dir / value["ids"]), array)
             else:
                 extras[key.split(".", 1)[1]] = array
     pool = SelectionPool.join(sources, quality_scores=named, n_total=len(docs))
@@ -85,8 +85,12 @@ def domain_rule(cfg) -> dict:
 
 def document_domains(docs, name: str) -> list[str] | None:
     """Each document's ``name`` field (``source`` or a record field); None when no document has it."""
-    if name == "source" and hasattr(docs, "column_array"):  # a document store: one column, no texts
-        values = docs.column_array("source")
+    if name == "source" and hasattr(docs, "column_array"):  # a document store: one column, no texts, S<n> bytes
+        from ..data.id_arrays import encode_ids
+
+        blocks = [encode_ids(docs.column_array("source", s, s + 65536)) for s in range(0, len(docs), 65536)]
+        values = np.concatenate(blocks) if blocks else encode_ids([])
+        return None if not (values != b"").any() else values
     else:
         values = [d.source if name == "source" else d.meta.get(name) for d in docs]
     if all(v in (None, "") for v in values):

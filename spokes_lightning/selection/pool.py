@@ -177,6 +177,9 @@ def _gather(values, rows: np.ndarray | None, vector: bool):
 
 def _labels(values) -> tuple[np.ndarray, list[str]]:
     """Domain labels as int64 codes into sorted unique names."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "S":  # UTF-8 bytes sort as their code points
+        names, codes = np.unique(values, return_inverse=True)
+        return codes.astype(np.int64).reshape(-1), [n.decode("utf-8") for n in names.tolist()]
     names = sorted({str(v) for v in values})
     code = {name: i for i, name in enumerate(names)}
     return np.array([code[str(v)] for v in values], dtype=np.int64), names

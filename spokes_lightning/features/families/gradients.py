@@ -84,7 +84,7 @@ class Gradients(FeatureFamily):
     def run(self, ctx) -> dict:
         from ...pipeline.stage import log
         from ..import_store import configured_store, use_configured_store
-        from ..store import write_column_slice
+        from ..store import open_feature_store, write_column_slice
 
         cfg = ctx.cfg
         imported = configured_store(cfg.features.gradients)
@@ -96,13 +96,19 @@ class Gradients(FeatureFamily):
         seeds = self.seeds(cfg)
         k = int(cfg.features.gradients.k)
         out = {}
-        if len(seeds) > 1:  # both seeds' sketches from one backward, then split
+        if len(seeds) > 1:  # both seeds' sketches from one backward, then split (by rank 0)
+            from ...data.ranks import barrier
+            from ...distributed import world
+
             both = self.store(ctx, seeds, "gradients_two_seeds")
-            for name in ("gradients", "gradients_independent"):  # written whole from the two-seed store
-                shutil.rmtree(ctx.run_dir / "features" / name, ignore_errors=True)
-            grads = write_column_slice(both, ctx.run_dir / "features" / "gradients", 0, k, {"extra_seeds": []})
-            write_column_slice(both, ctx.run_dir / "features" / "gradients_independent", k, 2 * k,
-                               {"seed": seeds[1], "extra_seeds": []})
+            if world()[0] == 0:
+                for name in ("gradients", "gradients_independent"):  # written whole from the two-seed store
+                    shutil.rmtree(ctx.run_dir / "features" / name, ignore_errors=True)
+                write_column_slice(both, ctx.run_dir / "features" / "gradients", 0, k, {"extra_seeds": []})
+                write_column_slice(both, ctx.run_dir / "features" / "gradients_independent", k, 2 * k,
+                                   {"seed": seeds[1], "extra_seeds": []})
+            barrier()
+            grads = open_feature_store(ctx.run_dir / "features" / "gradients")
             out["gradients_independent"] = "features/gradients_independent"
         else:
             grads = self.store(ctx, seeds, "gradients")

@@ -11,7 +11,7 @@ as the toolkit's scores are (higher = better; QuaDMix flips them to its smaller-
   earlier 5-gram of the document (1 for documents under 5 words);
 * ``heuristic_alpha``: the share of alphabetic characters among the non-whitespace characters.
 
-Each goes to ``features/quality_heuristics/<name>.npy`` with ``ids.json`` and is handed on as the
+Each goes to ``features/quality_heuristics/<name>.npy`` with ``ids.npy`` and is handed on as the
 stage output ``quality_scores.<name>`` = ``{"scores": ..., "ids": ...}``. The family is enabled only
 when a configured method uses the ``quadmix`` selector; otherwise its settings are ``{}``, so runs
 without QuaDMix keep the features stage's cache key.
@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from ..registry import FeatureFamily, register
+from ..registry import FeatureFamily, pool_id_array, register
 
 HEURISTICS = ("heuristic_length", "heuristic_unique_lines", "heuristic_unique_ngrams", "heuristic_alpha")
 NGRAM = 5
@@ -75,14 +75,14 @@ class QualityHeuristics(FeatureFamily):
             if self.enabled(cfg) else {}
 
     def run(self, ctx) -> dict:
-        from ...atomic import save_npy_atomic, write_json_atomic
+        from ...atomic import save_npy_atomic
         from ...pipeline.data_stages import pool_documents
         from ...pipeline.stage import log
 
         docs = pool_documents(ctx)
         rows = [heuristic_scores(d.text or "") for d in docs]
-        ids_path = f"{DIRECTORY}/ids.json"
-        write_json_atomic(ctx.path(*ids_path.split("/")), [d.id for d in docs])
+        ids_path = f"{DIRECTORY}/ids.npy"
+        save_npy_atomic(ctx.path(*ids_path.split("/")), pool_id_array(docs))
         out = {}
         for name in HEURISTICS:
             path = f"{DIRECTORY}/{name}.npy"
