@@ -35,7 +35,7 @@ from .progress import progress
 
 TOKENIZE_BATCH = 256  # texts per tokenizer call
 SHARD_DOCS = 50_000  # selected documents per shard (before copies)
-BLOCK_SIZE = 4096  # documents read from the store at a time
+BLOCK_SIZE = 32768  # documents read from the store at a time (a scattered selection decodes each batch once a block)
 MERGE_CHUNK = 1 << 20  # index entries read/written at a time when merging
 COPY_BUFFER = 8 << 20  # bytes per read when appending a shard's .bin
 _HEAD = 18  # index magic (9 bytes) + version (<Q) + dtype code (<B)
@@ -54,8 +54,13 @@ def field(doc, name: str, default=None):
 
 def read_block(documents, positions: np.ndarray) -> list:
     """The documents at ``positions`` (in that order): ``documents.take`` when it has one."""
-    take = getattr(documents, "take", None)
-    docs = take(positions) if callable(take) else [documents[i] for i in positions.tolist()]
+    from .data.document_store import DocumentStore
+
+    if isinstance(documents, DocumentStore):
+        docs = documents.take(positions, meta=False)  # the export reads id, text and source only
+    else:
+        take = getattr(documents, "take", None)
+        docs = take(positions) if callable(take) else [documents[i] for i in positions.tolist()]
     if len(docs) != len(positions):
         raise UserError(f"document store returned {len(docs)} documents for {len(positions)} positions")
     return docs

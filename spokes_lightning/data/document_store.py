@@ -208,31 +208,43 @@ class DocumentStore(Sequence):
             yield first, self.documents(first, min(first + int(size), stop))
 
     def take_columns(self, rows: Iterable[int], names: Sequence[str] = COLUMNS) -> dict[str, list]:
-        """Columns ``names`` of the rows ``rows``, in that order (each batch decoded once per visit)."""
+        """Columns ``names`` of the rows ``rows``, in that order.
+
+        Rows are grouped by record batch: each batch touched is decompressed once per call and only
+        the wanted rows become Python objects, so a caller reading a scattered selection should pass
+        large blocks of rows (the export reads 32k at a time)."""
+        pa = _pa()
         rows = np.asarray(rows if isinstance(rows, np.ndarray) else list(rows), dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError(f"rows outside a store of {self.n} documents")
         out: dict[str, list] = {c: [None] * len(rows) for c in names}
         order = np.argsort(rows, kind="stable")
-        i = 0
-        while i < len(order):
-            shard, number, _ = self._locate(rows[order[i]])
+        sorted_rows = rows[order]
+        batch_of = sorted_rows // self.batch_rows  # global batch number (shards hold whole batches)
+        cuts = np.flatnonzero(np.diff(batch_of)) + 1
+        for group in np.split(np.arange(len(order)), cuts):
+            if not len(group):
+                continue
+            first_row = int(sorted_rows[group[0]])
+            shard, number, _ = self._locate(first_row)
             first = shard * self.rows_per_shard + number * self.batch_rows
-            j = i
-            while j < len(order) and rows[order[j]] < first + self.batch_rows:
-                j += 1
-            block = self.columns(first, min(first + self.batch_rows, self.n), names)
-            for k in order[i:j]:
-                for c in names:
-                    out[c][k] = block[c][int(rows[k]) - first]
-            i = j
+            batch = self._batch(shard, number)
+            picked = batch.take(pa.array(sorted_rows[group] - first))
+            for c in names:
+                values = picked.column(c).to_pylist()
+                target = out[c]
+                for k, value in zip(order[group].tolist(), values):
+                    target[k] = value
         return out
 
-    def take(self, rows: Iterable[int]) -> list[Document]:
-        """The documents at ``rows``, in that order."""
-        cols = self.take_columns(rows)
+    def take(self, rows: Iterable[int], meta: bool = True) -> list[Document]:
+        """The documents at ``rows``, in that order (``meta=False``: fields other than id, text and
+        source are left out, which spares parsing their JSON)."""
+        names = COLUMNS if meta else ("id", "text", "source")
+        cols = self.take_columns(rows, names)
+        metas = cols["meta"] if meta else [None] * len(cols["id"])
         return [Document(i, t, s, json.loads(m) if m else {})
-                for i, t, s, m in zip(cols["id"], cols["text"], cols["source"], cols["meta"])]
+                for i, t, s, m in zip(cols["id"], cols["text"], cols["source"], metas)]
 
     def column_array(self, name: str, start: int = 0, stop: int | None = None) -> list:
         """One column of rows ``[start, stop)`` (ids, sources), read batch by batch."""

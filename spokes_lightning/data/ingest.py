@@ -20,6 +20,7 @@ only ever pass through in blocks of :data:`GATHER_BLOCK` documents.
 from __future__ import annotations
 
 import hashlib
+from array import array
 import json
 import os
 import shutil
@@ -101,7 +102,8 @@ def stage_task(task: _Task) -> dict:
         if done.get("input") == mark and done.get("settings") == _settings_key(task.settings):
             return done
     stats = ReadStats(files=1)
-    hashes, long_flags, lines, groups = [], [], [], []
+    # typed arrays: 21 bytes a document (a Python list would hold an int object per entry)
+    hashes, long_flags, lines, groups = array("Q"), array("B"), array("q"), array("i")
     group_names: dict[str, int] = {}
     field_name = task.settings.interleave_by
 
@@ -125,8 +127,8 @@ def stage_task(task: _Task) -> dict:
     rows = ds.write_shard(store_dir / ds.shard_name(0), blocks())
     ds.write_index(store_dir, [rows], rows_per_shard=max(ds.BATCH_ROWS, -(-rows // ds.BATCH_ROWS) * ds.BATCH_ROWS))
     with atomic_path(base.with_suffix(".npz"), suffix=".npz") as tmp:
-        np.savez(tmp, hash=np.asarray(hashes, dtype=np.uint64), long=np.asarray(long_flags, dtype=bool),
-                 line=np.asarray(lines, dtype=np.int64), group=np.asarray(groups, dtype=np.int32))
+        np.savez(tmp, hash=np.frombuffer(hashes, dtype=np.uint64), long=np.frombuffer(long_flags, dtype=np.uint8) > 0,
+                 line=np.frombuffer(lines, dtype=np.int64), group=np.frombuffer(groups, dtype=np.int32))
     done = {"input": mark, "settings": _settings_key(task.settings), "rows": rows, "groups": list(group_names),
             "stats": {k: v for k, v in asdict(stats).items()}}
     write_json_atomic(mark_path, done)
