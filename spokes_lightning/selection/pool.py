@@ -165,6 +165,11 @@ class SelectionPool:
         return cls(inputs=inputs, n_unselectable=total - len(ids))
 
 
+#: a memory-mapped matrix whose rows must be reordered is copied into a temporary file-backed map
+#: (in blocks of this many rows) rather than into RAM: a 173M x 1024 store stays on disk
+GATHER_ROWS = 1 << 16
+
+
 def _gather(values, rows: np.ndarray | None, vector: bool):
     """``values[rows]`` (all rows, uncopied, when ``rows`` is None); vectors flattened."""
     if isinstance(values, list):
@@ -172,7 +177,19 @@ def _gather(values, rows: np.ndarray | None, vector: bool):
     if vector:
         values = np.asarray(values)
         values = values.reshape(-1) if values.ndim == 2 and values.shape[1] == 1 else values
-    return values if rows is None else np.asarray(values[rows])
+    if rows is None:
+        return values
+    if isinstance(values, np.memmap) and values.ndim == 2:
+        import tempfile
+
+        out = np.memmap(tempfile.TemporaryFile(prefix="spokes-pool-"), dtype=values.dtype, mode="w+",
+                        shape=(len(rows), values.shape[1]))  # the file is gone once the map is
+        for start in range(0, len(rows), GATHER_ROWS):
+            block = rows[start : start + GATHER_ROWS]
+            order = np.argsort(block, kind="stable")  # read the source in row order
+            out[start + order] = values[block[order]]
+        return out
+    return np.asarray(values[rows])
 
 
 def _labels(values) -> tuple[np.ndarray, list[str]]:
