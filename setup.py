@@ -26,7 +26,7 @@ DATA = {
 packages = find_namespace_packages(include=["spokes_lightning", "spokes_lightning.*"],
                                    exclude=["*.__pycache__"]) + list(CODE)
 package_dir = dict(CODE)
-package_data = {"spokes_lightning.pipeline": ["paper_table2.json"]}
+package_data = {"spokes_lightning.pipeline": ["paper_table2.json", "paper_figures.json"]}
 for package, (folder, patterns) in DATA.items():
     package_dir[package] = folder
     for sub in [HERE / folder, *sorted(p for p in (HERE / folder).rglob("*") if p.is_dir())]:

@@ -20,10 +20,16 @@ into ``--run-dir``::
   sweep needs one gradient pass).
 * ``projection``: overlap of the 50% SPOKES subsets from dense vs Kronecker sketches, beside the
   overlap of two dense sketches with different seeds (the noise floor of the comparison).
+
+The pipeline's report stage runs ``layers`` and ``k`` on the run's own proxy and pool documents
+(``report.table1``, ``report.fig5``; :mod:`spokes_lightning.pipeline.figure_data`) through
+:meth:`ProxyContext.from_texts`, :func:`layers_study`, :func:`reference_sketch` and
+:func:`k_overlap_rows`.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -38,6 +44,8 @@ from .selection.compare import subset_overlap_pct
 
 DEFAULT_K_VALUES = (256, 512, 1024, 2048, 4096)
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5)
+#: exact_block_grams converts gradients to float64 this many columns at a time
+GRAM_COLUMNS = 1 << 18
 
 
 # --------------------------------------------------------------------------- math
@@ -96,39 +104,71 @@ def kernel_preserving_rows(features: np.ndarray) -> np.ndarray:
     return (u * s).astype(np.float32)
 
 
-def spokes_subset(features: np.ndarray, fraction: float) -> np.ndarray:
-    """Diversity-only SPOKES (alpha = 0) top ``fraction`` of the rows."""
+def spokes_subset(features: np.ndarray, fraction: float, log=None) -> np.ndarray:
+    """Diversity-only SPOKES (alpha = 0) top ``fraction`` of the rows (``log``: SPOKES's progress lines)."""
     from .spokes import run_spokes
 
     count = max(1, int(round(fraction * len(features))))
-    return np.asarray(run_spokes(kernel_preserving_rows(features), None, alpha=0.0, k=count).indices)
+    return np.asarray(run_spokes(kernel_preserving_rows(features), None, alpha=0.0, k=count, log=log).indices)
 
 
 # --------------------------------------------------------------------------- gradients
 
 
 class ProxyContext:
-    """The proxy model, tokenizer and documents shared by one calibration command."""
+    """The proxy model, tokenizer and documents shared by one calibration command.
+
+    ``ProxyContext(model, tokenizer, documents, ...)`` reads the first ``n_docs`` non-empty
+    documents of a corpus file (the command line); :meth:`from_texts` takes documents already in
+    memory (the pipeline's report stage, on its own pool).
+    """
 
     def __init__(self, model: str, tokenizer: str | None, documents: str, n_docs: int,
                  text_field: str, max_length: int):
         from .corpus import read_documents
-        from .models.llama import load_causal_lm
-        from .models.tokenizer import load_tokenizer
 
         if n_docs < 3:
             raise UserError(f"--n-docs must be at least 3, got {n_docs}")
-        if max_length < 2:
-            raise UserError(f"--max-length must be at least 2, got {max_length}")
-        self.model_ref = model
-        self.model = load_causal_lm(model, dtype="float32")
-        self.tokenizer = load_tokenizer(tokenizer or model, setting="--tokenizer")
+        self._load(model, tokenizer, max_length, "--max-length")
         docs = [d for d in read_documents([documents], text_field) if d.text.strip()][:n_docs]
         if len(docs) < 3:
             raise UserError(f"{documents}: fewer than 3 non-empty documents")
         self.ids = [d.id for d in docs]
         self.texts = [d.text for d in docs]
+
+    @classmethod
+    def from_texts(cls, model: str, tokenizer: str | None, ids: Sequence[str], texts: Sequence[str],
+                   max_length: int, setting: str = "max_length") -> "ProxyContext":
+        """A context over the given documents (at least 3 non-empty ones), in their order."""
+        kept = [(i, t) for i, t in zip(ids, texts) if t.strip()]
+        if len(kept) < 3:
+            raise UserError(f"calibration needs at least 3 non-empty documents, got {len(kept)}")
+        ctx = cls.__new__(cls)
+        ctx._load(model, tokenizer, max_length, setting)
+        ctx.ids = [i for i, _ in kept]
+        ctx.texts = [t for _, t in kept]
+        return ctx
+
+    def _load(self, model: str, tokenizer: str | None, max_length: int, setting: str) -> None:
+        from .models.llama import load_causal_lm
+        from .models.tokenizer import load_tokenizer
+
+        if max_length < 2:
+            raise UserError(f"{setting} must be at least 2, got {max_length}")
+        self.model_ref = model
+        self.model = load_causal_lm(model, dtype="float32")
+        self.tokenizer = load_tokenizer(tokenizer or model, setting="--tokenizer")
         self.max_length = max_length
+
+    def with_documents(self, ids: Sequence[str], texts: Sequence[str], max_length: int | None = None) -> "ProxyContext":
+        """The same loaded model and tokenizer over other documents (and, optionally, truncation)."""
+        other = copy.copy(self)
+        other.ids, other.texts = list(ids), list(texts)
+        if max_length is not None:
+            if max_length < 2:
+                raise UserError(f"max_length must be at least 2, got {max_length}")
+            other.max_length = max_length
+        return other
 
     def module(self, **kwargs):
         from .features.gradients import ProxyGradientModule
@@ -185,8 +225,12 @@ def exact_block_grams(ctx: ProxyContext) -> tuple[list[str], dict[str, np.ndarra
             per_group[group].append(torch.cat(pieces).numpy().astype(np.float32))
     grams = {}
     for group in list(per_group):
-        stacked = np.stack(per_group.pop(group)).astype(np.float64)
-        grams[group] = stacked @ stacked.T
+        stacked = np.stack(per_group.pop(group))
+        grams[group] = np.zeros((len(stacked), len(stacked)))
+        for start in range(0, stacked.shape[1], GRAM_COLUMNS):  # float64, one column slice at a time
+            part = stacked[:, start : start + GRAM_COLUMNS].astype(np.float64)
+            grams[group] += part @ part.T
+        del stacked
     return kept, grams
 
 
@@ -219,15 +263,28 @@ def layers_study(ctx: ProxyContext, max_layers: int, method: str, k: int, seed: 
 def k_study(ctx: ProxyContext, k_values: Sequence[int], k_ref: int, fractions: Sequence[float],
             n_layers: int, projection: str, seed: int) -> list[dict]:
     """Appendix A: overlap (%) of SPOKES subsets at each k with the subset at ``k_ref``."""
-    _, reference = ctx.sketch(n_layers=n_layers, projection=projection, k=k_ref, seed=seed,
-                              kron_side=_kron_side_for(ctx, n_layers, k_ref) if projection == "kronecker" else None)
-    ref_subsets = {f: spokes_subset(reference, f) for f in fractions}
+    return k_overlap_rows(reference_sketch(ctx, n_layers, projection, k_ref, seed), k_values, fractions, seed)
+
+
+def reference_sketch(ctx: ProxyContext, n_layers: int, projection: str, k_ref: int, seed: int,
+                     **kwargs) -> np.ndarray:
+    """The proxy gradient sketch at ``k_ref`` (a Kronecker one sized to about ``k_ref`` columns first)."""
+    kron_side = _kron_side_for(ctx, n_layers, k_ref) if projection == "kronecker" else None
+    return ctx.sketch(n_layers=n_layers, projection=projection, k=k_ref, seed=seed, kron_side=kron_side,
+                      **kwargs)[1]
+
+
+def k_overlap_rows(reference: np.ndarray, k_values: Sequence[int], fractions: Sequence[float],
+                   seed: int, log=None) -> list[dict]:
+    """Overlap (%) of the SPOKES subset of each Rademacher JL map of ``reference`` to k dims
+    with the subset of ``reference`` itself, per selection fraction (appendix A, Fig. 5)."""
+    ref_subsets = {f: spokes_subset(reference, f, log) for f in fractions}
     rows = []
     for k in k_values:
         sketch = jl_project(reference, k, seed + 1)
         for f in fractions:
             rows.append({"k": int(k), "fraction": f,
-                         "overlap_pct": round(subset_overlap_pct(spokes_subset(sketch, f), ref_subsets[f]), 2)})
+                         "overlap_pct": round(subset_overlap_pct(spokes_subset(sketch, f, log), ref_subsets[f]), 2)})
     return rows
 
 

@@ -5,6 +5,9 @@
     spokes gvendi --features F.npy [--indices I.npy] [--batch-size B --batches M --seed S]
     spokes import-features F.npy --ids IDS.txt|IDS.npy --out STORE [--kind gradients|embeddings]
                   [--projection NAME --k K --seed S --model NAME --meta KEY=VALUE]
+    spokes convert-megatron CKPT_DIR --tokenizer TOK_DIR --out HF_DIR [--iteration N]
+    spokes evaluate --model DIR --tasks arc_easy,piqa,...|all --out results.json
+                  [--tokenizer TOK_DIR --limit N --num-fewshot K --split test|val --batch-size B]
 
 Stdout carries exactly one JSON line; logs and progress go to stderr. Bad input: one line
 on stderr, exit code 2, and OUT is not created.
@@ -260,6 +263,23 @@ def cmd_import_features(args) -> dict:
     return import_features(args.features, args.ids, args.out, args.kind, settings)
 
 
+def cmd_convert_megatron(args) -> dict:
+    from .megatron_convert import convert_megatron_checkpoint
+
+    res = convert_megatron_checkpoint(args.checkpoint, args.tokenizer, args.out, iteration=args.iteration)
+    return {k: res[k] for k in ("out", "iteration", "layers", "vocab", "tp", "pp", "tied")}
+
+
+def cmd_evaluate(args) -> dict:
+    from .evaluation.checkpoint_eval import evaluate_checkpoint, parse_tasks
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be a positive item count, got {args.limit}")
+    return evaluate_checkpoint(args.model, parse_tasks(args.tasks), args.out, tokenizer=args.tokenizer,
+                               limit=args.limit, num_fewshot=args.num_fewshot, split=args.split,
+                               batch_size=args.batch_size)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         raise UserError(message)
@@ -317,6 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="provenance: the model whose gradients / embeddings F holds")
     i.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="more provenance for the manifest (repeatable)")
+    m = sub.add_parser("convert-megatron", help="Megatron-LM checkpoint -> Hugging Face LlamaForCausalLM dir",
+                       description="Convert a Megatron-LM GPT checkpoint (LLaMA architecture; torch_dist or "
+                                   "legacy mp_rank_XX format, any TP/PP) into a Hugging Face model directory "
+                                   "with the tokenizer saved beside it.")
+    m.add_argument("checkpoint", metavar="CKPT_DIR", help="the --save directory, or one iter_XXXXXXX directory")
+    m.add_argument("--tokenizer", metavar="TOK_DIR",
+                   help="Hugging Face tokenizer directory (default: the checkpoint's --tokenizer-model)")
+    m.add_argument("--out", required=True, metavar="HF_DIR", help="output directory (absent or empty)")
+    m.add_argument("--iteration", type=int, help="iteration to convert (default: latest_checkpointed_iteration.txt)")
+    e = sub.add_parser("evaluate", help="OLMES-style evaluation of a Hugging Face or Megatron-LM checkpoint",
+                       description="The pipeline's evaluation (lm-eval over the shipped task files) on any "
+                                   "checkpoint; a Megatron-LM --save directory is converted first.")
+    e.add_argument("--model", required=True, help="a Hugging Face model dir or a Megatron-LM checkpoint dir")
+    e.add_argument("--tokenizer", help="tokenizer dir, for a Megatron checkpoint whose --tokenizer-model is elsewhere")
+    e.add_argument("--tasks", default="all", help="comma-separated task names, or all (the 10 OLMES tasks)")
+    e.add_argument("--limit", type=int, help="first N items of each task (quick checks)")
+    e.add_argument("--num-fewshot", type=int, help="fixed solved examples per task (OLMES: 5; default 0, MMLU 5)")
+    e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--out", required=True, help="results .json (per-task scores, per-item scores, shots)")
     return parser
 
 
@@ -336,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
         load_plugins(plugin_args(argv))
         args = build_parser().parse_args(argv)
-        commands = {"select": cmd_select, "gvendi": cmd_gvendi, "import-features": cmd_import_features}
+        commands = {"select": cmd_select, "gvendi": cmd_gvendi, "import-features": cmd_import_features,
+                    "convert-megatron": cmd_convert_megatron, "evaluate": cmd_evaluate}
         out = commands[args.command](args)
     print(json.dumps(out), flush=True)
     return 0

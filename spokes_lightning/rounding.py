@@ -15,7 +15,10 @@ than a random subset. Two more rules:
   of the objective of the set itself (the linearized d F / d w_j at the current set, the same
   closed form as the optimizer's gradient), scored on one of ``groups`` seeded random groups of
   row tiles (stochastic greedy, Mirzasoleiman et al., AAAI 2015), so the cost is about
-  rounds / groups passes of quadratic forms over the data plus one d x d eigh per round.
+  rounds / groups passes of quadratic forms over the data plus one eigendecomposition per round:
+  of the |S| x |S| kernel X_S X_S^T while the set has fewer rows than the feature dimension d
+  (:func:`kernel_space_basis`: it shares its non-zero spectrum with the d x d Gram X_S^T X_S),
+  of the d x d Gram (:func:`gram_space_basis`) from then on.
 
 The default was chosen from ``bench/bench_rounding.py`` (table in the README). Every rule is
 deterministic given the seed and gives the same subset for any number of ranks: each rank
@@ -119,25 +122,88 @@ def tile_groups(n_local: int, row_offset: int, n_total: int, groups: int, seed: 
 
 
 def set_gain_scores(unit_rows: np.ndarray, eigvecs: np.ndarray, log_lambda: np.ndarray,
-                    quality: np.ndarray | None, alpha: float, set_quality: float | None) -> np.ndarray:
+                    quality: np.ndarray | None, alpha: float, set_quality: float | None,
+                    null_log_lambda: float | None = None) -> np.ndarray:
     """First-order gain of F(S) = alpha ln Q_S + (1 - alpha) ln Vendi_S from adding each row.
 
     d F / d t of the mixture (1 - t) * uniform(S) + t * e_j at t = 0, less a constant shared
     by every row: (1 - alpha) * (-x_j^T U diag(ln lambda) U^T x_j) + alpha * q_j / Q_S
     (the optimizer's gradient, :func:`spokes_lightning.spokes.log_vendi_gradient`, at the set).
+    ``eigvecs`` (d x r) may span part of the space only: with ``null_log_lambda`` set, every
+    direction orthogonal to them has that ln lambda, and ``log_lambda`` holds ln lambda_m -
+    ``null_log_lambda`` (so x^T U diag(ln lambda) U^T x = null |x|^2 + sum_m (x.u_m)^2 log_lambda_m).
     """
     projected = unit_rows @ eigvecs.astype(unit_rows.dtype)
     np.square(projected, out=projected)
-    gain = (1.0 - alpha) * -(projected @ log_lambda.astype(unit_rows.dtype)).astype(np.float64)
+    quad = (projected @ log_lambda.astype(unit_rows.dtype)).astype(np.float64)
+    if null_log_lambda is not None:
+        quad += null_log_lambda * np.einsum("ij,ij->i", unit_rows, unit_rows, dtype=np.float64)
+    gain = (1.0 - alpha) * -quad
     if alpha > 0.0 and quality is not None:
         gain += alpha * quality / set_quality
     return gain
 
 
+LOG_EIGEN_FLOOR = math.log(EIGEN_FLOOR)
+
+
+def gram_space_basis(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """(eigenvectors, ln lambda, None) of the set's d x d Gram G = X_S^T X_S (lambda = sigma / tr G).
+
+    The arguments :func:`set_gain_scores` takes after ``unit_rows``; one d x d eigh.
+    """
+    sigma, eigvecs = np.linalg.eigh(gram)
+    sigma = np.clip(sigma, 0.0, None)
+    return eigvecs, np.log(np.maximum(sigma / sigma.sum(), EIGEN_FLOOR)), None
+
+
+def kernel_space_basis(set_rows: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The same quadratic form as :func:`gram_space_basis` from the m x m kernel K = X_S X_S^T.
+
+    K = V diag(sigma) V^T and G = X_S^T X_S share their non-zero eigenvalues (so tr K = tr G and
+    the same lambda), and u_m = X_S^T v_m / sqrt(sigma_m) are G's unit eigenvectors. Directions
+    with lambda at or below :data:`EIGEN_FLOOR` (G's null space included) all get
+    ln EIGEN_FLOOR, exactly as the d x d path clamps them, so only the r eigenvectors above the
+    floor are formed: returns (U_r (d x r), ln lambda_r - ln EIGEN_FLOOR, ln EIGEN_FLOOR), for
+    :func:`set_gain_scores`. Cost O(m^2 d + m^3) instead of the d x d eigh's O(d^3).
+    """
+    sigma, vecs = np.linalg.eigh(kernel)
+    sigma = np.clip(sigma, 0.0, None)
+    log_lambda = np.log(np.maximum(sigma / sigma.sum(), EIGEN_FLOOR))
+    above = log_lambda > LOG_EIGEN_FLOOR
+    basis = set_rows.T @ (vecs[:, above] / np.sqrt(sigma[above]))
+    return basis, log_lambda[above] - LOG_EIGEN_FLOOR, LOG_EIGEN_FLOOR
+
+
+class _SetKernel:
+    """The picked rows (float64, in the order added) and their kernel K = X_S X_S^T, grown block by block."""
+
+    def __init__(self, d: int):
+        self.rows = np.zeros((0, d))
+        self.kernel = np.zeros((0, 0))
+        self.bounds = [0]  # rows[bounds[i] : bounds[i + 1]] is the i-th block added
+
+    def add(self, block: np.ndarray) -> None:
+        cross = self.rows @ block.T
+        m, b = len(self.rows), len(block)
+        kernel = np.empty((m + b, m + b))
+        kernel[:m, :m] = self.kernel
+        kernel[:m, m:] = cross
+        kernel[m:, :m] = cross.T
+        kernel[m:, m:] = block @ block.T
+        self.rows, self.kernel = np.concatenate([self.rows, block]), kernel
+        self.bounds.append(m + b)
+
+    def blocks(self):
+        """The blocks as added (for the d x d Gram once the set reaches d rows)."""
+        for start, stop in zip(self.bounds, self.bounds[1:]):
+            yield self.rows[start:stop]
+
+
 def greedy_rounding(
     rows: UnitRows, log_w: np.ndarray, k: int, *, quality: np.ndarray | None = None, alpha: float = 0.0,
     relaxed_quality: float | None = None, seed: int = 0, seed_fraction: float = GREEDY_SEED_FRACTION,
-    rounds: int = GREEDY_ROUNDS, groups: int = GREEDY_GROUPS, dtype=np.float32,
+    rounds: int = GREEDY_ROUNDS, groups: int = GREEDY_GROUPS, dtype=np.float32, kernel_space: bool = True,
 ) -> np.ndarray:
     """Top ``seed_fraction * k`` rows of w, then ``rounds`` blocks of stochastic linearized greedy.
 
@@ -148,6 +214,11 @@ def greedy_rounding(
     round's picks are gathered in global index order and every rank adds the same block, so
     the Gram (and the float64 null space of a small set) is the same bits at any world size;
     candidates are scored in blocks of the global chunk grid for the same reason.
+    While the set has fewer rows than d (and ``kernel_space``), each round's eigendecomposition is
+    of the |S| x |S| kernel of the gathered set rows instead (:func:`kernel_space_basis`, the same
+    scores up to rounding; the rows are the same on every rank); the Gram is summed (from the same
+    blocks, so the same bits) only when the set reaches d rows. ``kernel_space=False`` always uses
+    the d x d Gram (the reference path).
     ``rows`` is this rank's :class:`UnitRows`; returns global indices in the order picked.
     """
     if not 0.0 <= seed_fraction <= 1.0:
@@ -159,6 +230,7 @@ def greedy_rounding(
     eligible = np.isfinite(log_w) & rows.keep
     selected = np.zeros(n_local, dtype=bool)
     total = ExactGramSum(d, float(k))
+    set_kernel = _SetKernel(d) if kernel_space else None  # while |S| < d: the set rows and their kernel
     q_bound = 1.0 if quality is None else D.all_reduce_scalar(float(np.abs(quality).max(initial=0.0)), op="max")
     quality_sum = 0.0
     order: list[np.ndarray] = []
@@ -171,7 +243,10 @@ def greedy_rounding(
             part = ordered[start : start + rows.chunk_rows]
             mine = part[(part >= rows.row_offset) & (part < rows.row_offset + n_local)] - rows.row_offset
             block = np.concatenate(D.all_gather_objects(rows.take(mine, np.float64)))
-            total.add(block.T @ block)
+            if set_kernel is not None:
+                set_kernel.add(block)
+            else:
+                total.add(block.T @ block)
         local = picks[(picks >= rows.row_offset) & (picks < rows.row_offset + n_local)] - rows.row_offset
         selected[local] = True
         if quality is not None:
@@ -193,16 +268,22 @@ def greedy_rounding(
             best_q = global_top_k(np.where(eligible & ~selected, quality, -np.inf), 2 * b, index)  # offer the
             candidates[best_q[(best_q >= rows.row_offset) & (best_q < rows.row_offset + n_local)]
                        - rows.row_offset] = True  # 2b best unselected rows by quality as well
-        sigma, eigvecs = np.linalg.eigh(total.value())
-        sigma = np.clip(sigma, 0.0, None)
-        log_lambda = np.log(np.maximum(sigma / sigma.sum(), EIGEN_FLOOR))
+        if set_kernel is not None and picked >= d:  # the set has reached d rows: the d x d Gram from now on
+            for block in set_kernel.blocks():
+                total.add(block.T @ block)
+            set_kernel = None
+        if set_kernel is not None:
+            eigvecs, log_lambda, null_log_lambda = kernel_space_basis(set_kernel.rows, set_kernel.kernel)
+        else:
+            eigvecs, log_lambda, null_log_lambda = gram_space_basis(total.value())
         set_quality = quality_sum / picked if quality is not None and quality_sum > 0 else relaxed_quality
         gain = np.full(n_local, -np.inf)
         for start, stop in chunk_grid(n_local, rows.chunk_rows, rows.row_offset):  # same blocks at any world size
             part = start + np.flatnonzero(candidates[start:stop])
             if len(part):
                 gain[part] = set_gain_scores(rows.take(part, dtype), eigvecs, log_lambda,
-                                             None if quality is None else quality[part], alpha, set_quality)
+                                             None if quality is None else quality[part], alpha, set_quality,
+                                             null_log_lambda)
         local = np.flatnonzero(candidates)
         picks = global_top_k(gain[local], b, index[local])
         take(picks)

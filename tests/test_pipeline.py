@@ -164,3 +164,36 @@ def test_online_bad_settings_exit_2(demo_run, tmp_path, bad, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
     after = sorted(p.name for p in (run_dir / "online").iterdir()) if (run_dir / "online").exists() else []
     assert after == before  # nothing half-written
+
+
+def test_table2_from_checkpoints_trained_elsewhere(demo_run):
+    """evaluate.checkpoints: Megatron-LM checkpoints (here the run's own) come back as Table 2, equal to the local one."""
+    run_dir, _, _ = demo_run
+    before = json.loads((run_dir / "summary.json").read_text())["methods"]
+    ckpt = {m: run_dir / "pretrain" / m / "seed_0" / "megatron" for m in ("random", "spokes")}
+    assert all((c / "latest_checkpointed_iteration.txt").exists() for c in ckpt.values())
+    r = launch(run_dir, "selection.methods=[random,spokes]",
+               "evaluate.checkpoints={" + ",".join(f"{m}:'{c}'" for m, c in ckpt.items()) + "}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(s["methods"]) == ["random", "spokes"]
+    for m in ckpt:
+        assert list((run_dir / "evaluate" / "converted" / m / "0").glob("iter_*/config.json"))
+        assert s["methods"][m]["eval"]["avg"] == pytest.approx(before[m]["eval"]["avg"])
+    assert s["table2"]["baseline"] == "random" and s["table2"]["methods"]["random"]["vs_baseline"] is None
+    assert s["table2"]["methods"]["spokes"]["vs_baseline"]["lo"] <= s["table2"]["methods"]["spokes"]["vs_baseline"]["hi"]
+
+
+def test_several_pretraining_seeds_give_intervals(demo_run):
+    run_dir, _, _ = demo_run
+    r = launch(run_dir, "selection.methods=[random,spokes]", "pretrain.seeds=[0,1]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert all(v["n_seeds"] == 2 for v in s["table2"]["methods"].values())
+    pre = json.loads((run_dir / "stages" / "pretrain.json").read_text())["outputs"]
+    losses = [run["val_loss"] for run in pre["spokes"]["runs"]]
+    assert [run["seed"] for run in pre["spokes"]["runs"]] == [0, 1] and losses[0] != losses[1]
+    assert pre["spokes"]["epochs"] > 0 and pre["spokes"]["tokens_seen"] == 8192
+    report = (run_dir / "report.md").read_text()
+    assert "val loss [95% CI]" in report and "2 pretraining seeds per method" in report
+    assert "<u>" not in report  # no best / second ranks

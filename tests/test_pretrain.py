@@ -78,7 +78,7 @@ def test_pretrain_rejects_bad_settings(setup, tmp_path):
     with pytest.raises(UserError, match="missing"):
         pretrain_on_megatron_data(run_dir / "nothing", tokenizer, tmp_path, token_budget=BUDGET,
                                   **TINY)
-    with pytest.raises(UserError, match="need a tokenizer"):
+    with pytest.raises(UserError, match="needs a tokenizer"):
         pretrain_on_megatron_data(res.data_prefix, res.vocab_size, tmp_path, token_budget=BUDGET,
                                   val_documents=val, **TINY)
 

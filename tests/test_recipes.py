@@ -43,17 +43,18 @@ QUADMIX_PAPER = {f"selection.specs.quadmix.{k}": v for k, v in {
 # What the copied recipe files composed to before recipes became picks (captured then), as
 # departures from the default run (recipe=demo), so that unrelated new keys do not break this.
 DEMO_FROM_CONFIG_YAML = {
-    "data.interleave_by": "source", "data.limit": 1300, "data.paths": ["data/demo/web.jsonl.gz"],
+    "data.interleave_by": "source", "data.limit": 800, "data.paths": ["data/demo/web.jsonl.gz"],
     "evaluate.limit": 100, "features.batch_size": 16, "features.chunk_size": 256,
-    "features.gradients.max_length": 256, "pretrain.token_budget": 120000, "recipe_name": "demo",
+    "features.gradients.max_length": 256, "recipe_name": "demo", "evaluate.num_fewshot": None,
+    "pretrain.n_layers": 2, "pretrain.hidden": 128, "pretrain.batch_size": 16,
     "run_dir": "runs/demo", "selection.alpha": "auto", "selection.alpha_grid": [0.001, 0.01, 0.1, 0.3],
     "wandb.group": "demo", "selection.methods": ALL_METHODS,
 }
 PAPER = {
     "data.hub": ABSENT, "data.hub.split": "train", "data.interleave_by": None, "data.limit": None,
-    "data.paths": [], "data.validation_documents": 10000, "evaluate.limit": None, "evaluate.tasks": [],
+    "data.paths": [], "data.validation_documents": 10000, "evaluate.limit": None, "evaluate.num_fewshot": 5,
     "features.chunk_size": 1024, "features.gradients.max_length": 768, "pretrain.enabled": False,
-    "pretrain.token_budget": 400000, "proxy.model": "Qwen/Qwen3-0.6B-Base", "quality.source": "classifier",
+    "pretrain.n_layers": 4, "pretrain.hidden": 256, "pretrain.batch_size": 8, "report.fig5.k_ref": None, "proxy.model": "Qwen/Qwen3-0.6B-Base", "quality.source": "classifier",
     "selection.alpha_grid": [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3], "selection.alpha_sweep": False,
     "tokenizer.path": "meta-llama/Llama-3.2-1B", **QUADMIX_PAPER,
 }
@@ -72,7 +73,9 @@ BEFORE = {
     "demo": {},
     "demo_online": {"selection.methods": ["spokes"], "online.enabled": True, "selection.budget": 240000,
                     "selection.budget_unit": "tokens",
-                    "stages": ["corpus", "tokenizer", "proxy", "features", "select", "online"], **named("demo_online")},
+                    "stages": ["corpus", "tokenizer", "proxy", "features", "select", "online"],
+                    "pretrain.token_budget": 120000, "pretrain.n_layers": 4, "pretrain.hidden": 256,
+                    "pretrain.batch_size": 8, **named("demo_online")},
     "demo_full": {"data.limit": None, "evaluate.limit": None, "pretrain.token_budget": 300000, **named("demo_full")},
     "dclm_base": {**DCLM, **named("dclm")},
     "fineweb_base": {**FINEWEB, **named("fineweb")},

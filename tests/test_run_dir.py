@@ -130,7 +130,7 @@ def test_changed_budget_trains_on_the_new_selection(rebudgeted, tmp_path):
         run_dir / summary["methods"]["quality"]["megatron_prefix"], load_tokenizer(run_dir / "tokenizer"),
         tmp_path / "fresh", lr=float(OmegaConf.load("recipes/config.yaml").pretrain.lr), seed=0, progress=False,
         val_documents=[d.text for d in DocumentStore(run_dir / "corpus/validation")], **p)
-    rerun = read_curve(run_dir / "pretrain/quality/metrics.csv")
+    rerun = read_curve(run_dir / "pretrain/quality/seed_0/metrics.csv")
     assert [r["loss"] for r in rerun] == pytest.approx([r["loss"] for r in fresh.curve], rel=1e-5)
     assert summary["methods"]["quality"]["val_loss"] == pytest.approx(fresh.val_loss, rel=1e-5)
 

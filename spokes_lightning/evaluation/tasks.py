@@ -17,9 +17,11 @@ context ``c`` is
   CommonsenseQA, OpenBookQA. OLMES conditions the unconditional term on ``"Answer:"``;
   stock lm-eval uses an empty context, so :class:`OlmesClozeTask` swaps it in.
 
-All tasks are 0-shot except MMLU, which is 5-shot with the 5 ``dev`` rows of the item's
-own subject (in file order), prefixed by ``The following are multiple choice questions
-(with answers) about <subject>.``.
+Shots (:func:`shots_for`): by default all tasks are 0-shot except MMLU, which is 5-shot
+with the 5 ``dev`` rows of the item's own subject (in file order), prefixed by ``The
+following are multiple choice questions (with answers) about <subject>.``. With
+``num_fewshot=5`` every task gets 5 fixed solved examples, as OLMES does (Gu et al., 2024,
+Sec. 3.4): the first 5 rows of the task's ``val`` split, which are then left out of ``val``.
 """
 from __future__ import annotations
 
@@ -101,6 +103,18 @@ def read_task_rows(task: str, eval_dir: str | Path | None = None) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def shot_text(item: ClozeItem) -> str:
+    """One solved example: the prompt followed by its gold answer (the gold option's context for
+    WinoGrande-style items)."""
+    if item.is_partial:
+        return f"{item.contexts[item.gold]} {item.continuations[0]}"
+    return f"{item.contexts[0]} {item.continuations[item.gold]}"
+
+
+def _with_prefix(item: ClozeItem, prefix: str) -> ClozeItem:
+    return ClozeItem(item.id, item.split, tuple(prefix + c for c in item.contexts), item.continuations, item.gold)
+
+
 def mmlu_fewshot_prefixes(dev_rows: list[dict], num_fewshot: int) -> dict[str, str]:
     """Per subject: description line + the first ``num_fewshot`` dev examples, answered."""
     by_subject: dict[str, list[dict]] = {}
@@ -110,15 +124,43 @@ def mmlu_fewshot_prefixes(dev_rows: list[dict], num_fewshot: int) -> dict[str, s
     for subject, rows in by_subject.items():
         if len(rows) < num_fewshot:
             raise UserError(f"mmlu dev has {len(rows)} rows for {subject}, need {num_fewshot}")
-        shots = [f"{mmlu_question_prompt(r['question'])} {str(r['choices'][int(r['answer'])]).strip()}"
-                 for r in rows[:num_fewshot]]
+        shots = [shot_text(to_cloze("mmlu", r)) for r in rows[:num_fewshot]]
         header = f"The following are multiple choice questions (with answers) about {mmlu_subject_title(subject)}."
         prefixes[subject] = "\n\n".join([header, *shots]) + "\n\n"
     return prefixes
 
 
-def load_cloze_items(task: str, split: str = "test", eval_dir: str | Path | None = None) -> list[ClozeItem]:
-    """Cloze items of one split; MMLU contexts carry their 5-shot same-subject prefix."""
+def shots_for(task: str, num_fewshot: int | None = None, eval_dir: str | Path | None = None) -> list[ClozeItem]:
+    """The fixed solved examples put before every item of ``task`` (OLMES: 5 per task).
+
+    MMLU takes the first ``k`` ``dev`` rows of the item's own subject (all subjects returned
+    here, in file order); every other task the first ``k`` rows of its ``val`` split, which
+    are then left out when ``val`` itself is evaluated. ``None`` = the task's default
+    (:class:`TaskSpec` ``num_fewshot``).
+    """
+    k = TASK_SPECS[check_task_names([task])[0]].num_fewshot if num_fewshot is None else int(num_fewshot)
+    if k < 0:
+        raise UserError(f"num_fewshot must be 0 or more, got {k}")
+    if k == 0:
+        return []
+    rows = read_task_rows(task, eval_dir)
+    if task == "mmlu":
+        seen: dict[str, int] = {}
+        shots = []
+        for row in rows:
+            if row.get("split") == "dev" and seen.get(row["subject"], 0) < k:
+                seen[row["subject"]] = seen.get(row["subject"], 0) + 1
+                shots.append(to_cloze(task, row))
+        return shots
+    val = [to_cloze(task, r) for r in rows if r.get("split") == "val"]
+    if len(val) < k:
+        raise UserError(f"{task}: {k} shots asked, its val split has {len(val)} rows")
+    return val[:k]
+
+
+def load_cloze_items(task: str, split: str = "test", eval_dir: str | Path | None = None,
+                     num_fewshot: int | None = None) -> list[ClozeItem]:
+    """Cloze items of one split, each context preceded by the task's fixed shots (:func:`shots_for`)."""
     check_task_names([task])
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -126,16 +168,22 @@ def load_cloze_items(task: str, split: str = "test", eval_dir: str | Path | None
     items = [to_cloze(task, row) for row in rows if row.get("split") == split]
     if not items:
         raise UserError(f"{task}: no rows with split={split!r}")
-    spec = TASK_SPECS[task]
-    if task == "mmlu" and spec.num_fewshot:
-        prefixes = mmlu_fewshot_prefixes([r for r in rows if r.get("split") == "dev"], spec.num_fewshot)
+    k = TASK_SPECS[task].num_fewshot if num_fewshot is None else int(num_fewshot)
+    if k < 0:
+        raise UserError(f"num_fewshot must be 0 or more, got {k}")
+    if k == 0:
+        return items
+    if task == "mmlu":
+        prefixes = mmlu_fewshot_prefixes([r for r in rows if r.get("split") == "dev"], k)
         subjects = {str(r["id"]): r["subject"] for r in rows}
         missing = sorted({subjects[i.id] for i in items} - set(prefixes))
         if missing:
             raise UserError(f"mmlu dev split lacks subjects {missing[:3]}")
-        items = [ClozeItem(i.id, i.split, (prefixes[subjects[i.id]] + i.contexts[0],),
-                           i.continuations, i.gold) for i in items]
-    return items
+        return [_with_prefix(i, prefixes[subjects[i.id]]) for i in items]
+    shots = shots_for(task, k, eval_dir)
+    shot_ids = {s.id for s in shots}
+    prefix = "\n\n".join(shot_text(s) for s in shots) + "\n\n"
+    return [_with_prefix(i, prefix) for i in items if i.id not in shot_ids]
 
 
 def chance_level(items: list[ClozeItem]) -> float:
@@ -158,9 +206,9 @@ def _doc_to_target(doc: dict):
     return doc["continuations"][0] if len(doc["contexts"]) > 1 else int(doc["gold"])
 
 
-def _local_dataset(task: str, split: str, eval_dir: str, **_ignored) -> dict:
+def _local_dataset(task: str, split: str, eval_dir: str, num_fewshot: int | None = None, **_ignored) -> dict:
     datasets = require_package("datasets")
-    docs = [item.to_doc() for item in load_cloze_items(task, split, eval_dir)]
+    docs = [item.to_doc() for item in load_cloze_items(task, split, eval_dir, num_fewshot)]
     return {split: datasets.Dataset.from_list(docs)}
 
 
@@ -168,27 +216,29 @@ def lm_eval_task_name(task: str) -> str:
     return f"{TASK_PREFIX}{task}"
 
 
-def task_config(task: str, split: str = "test", eval_dir: str | Path | None = None) -> dict:
+def task_config(task: str, split: str = "test", eval_dir: str | Path | None = None,
+                num_fewshot: int | None = None) -> dict:
     """Inline lm-eval task config for one task (metrics acc, acc_norm and, for pmi, acc_mutual_info)."""
     spec = TASK_SPECS[check_task_names([task])[0]]
     metrics = ["acc", "acc_norm"] + (["acc_mutual_info"] if spec.normalization == "pmi" else [])
     return {
         "task": lm_eval_task_name(task),
-        "custom_dataset": partial(_local_dataset, task, split, str(eval_dir or default_eval_dir())),
+        "custom_dataset": partial(_local_dataset, task, split, str(eval_dir or default_eval_dir()), num_fewshot),
         "test_split": split,
         "output_type": "multiple_choice",
         "doc_to_text": _doc_to_text,
         "doc_to_choice": _doc_to_choice,
         "doc_to_target": _doc_to_target,
         "target_delimiter": " ",
-        "num_fewshot": 0,  # MMLU's 5 shots are already inside its context (same subject).
+        "num_fewshot": 0,  # the shots are already inside each context (shots_for)
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
         "metadata": {"version": 1.0, "olmes_normalization": spec.normalization},
     }
 
 
-def build_lm_eval_task(task: str, split: str = "test", eval_dir: str | Path | None = None):
+def build_lm_eval_task(task: str, split: str = "test", eval_dir: str | Path | None = None,
+                       num_fewshot: int | None = None):
     """An instantiated lm-eval task reading the local file (needs ``lm_eval``)."""
     from spokes_lightning.evaluation.lm_eval_task import OlmesClozeTask
 
-    return OlmesClozeTask(config=task_config(task, split, eval_dir))
+    return OlmesClozeTask(config=task_config(task, split, eval_dir, num_fewshot))

@@ -1,15 +1,23 @@
 """Local, small-scale version of the paper's pretraining comparison (Section 5.2-5.3).
 
 The paper pretrains LLaMA-1B from scratch on each method's selection with Megatron-LM
-(constant LR, fixed token budget). Here the same protocol runs at a size a workstation can
-afford: for every method, the SAME small ``LlamaForCausalLM`` (same config, same seed) is
+(constant LR, fixed token budget, about one epoch over each 50% subset). Here the same
+protocol runs at a size a workstation can afford: for every method, the SAME small model is
 trained from scratch with Lightning on that method's exported Megatron data, read through
 megatron-core's ``GPTDataset`` (the same shuffling and sequence packing Megatron uses), for the
 SAME number of tokens, at a constant learning rate. Only the data differs.
 
-Outputs in ``out_dir``: ``metrics.csv`` (the training curve), ``model/`` (``save_pretrained``,
-with the tokenizer when given) and ``result.json`` (written last; its ``config_hash`` lets a
-re-run with the same settings and data skip training).
+The model is megatron-core's ``GPTModel`` built from the launch script's own flags
+(:func:`~spokes_lightning.megatron_launch.megatron_llama_args` at a smaller shape,
+:class:`~spokes_lightning.models.megatron_gpt.MegatronGPTModule`). Training ends with a
+Megatron-LM checkpoint (``megatron/``, torch_dist), which
+:func:`~spokes_lightning.megatron_convert.convert_megatron_checkpoint` turns into the Hugging
+Face ``model/`` that validation loss and evaluation read: every local run takes the way back a
+paper-scale Megatron run takes.
+
+Outputs in ``out_dir``: ``metrics.csv`` (the training curve), ``megatron/`` (the checkpoint),
+``model/`` (``LlamaForCausalLM`` + tokenizer) and ``result.json`` (written last; its
+``config_hash`` lets a re-run with the same settings and data skip training).
 """
 from __future__ import annotations
 
@@ -27,7 +35,9 @@ import torch
 from ..atomic import write_json_atomic, write_text_atomic
 from ..errors import UserError
 from ..megatron_data import build_gpt_dataset, indexed_dataset_stats, require_megatron_prefix
-from .llama import CausalLMModule, StderrTrainingBar, build_llama, llama_config
+from ..megatron_launch import LLAMA_3_2_1B, megatron_llama_args
+from .llama import StderrTrainingBar, llama_config
+from .megatron_gpt import MegatronGPTModule
 from .pretrain_record import PretrainResult, curve_to_csv, load_cached, read_curve, run_hashes, sample_index_dir
 
 
@@ -154,14 +164,14 @@ def pretrain_on_megatron_data(
         )
     if devices < 1 or batch_size % devices:
         raise UserError(f"global batch {batch_size} must split evenly over {devices} device(s)")
-    if val_documents is not None and tokenizer is None:
-        raise UserError("validation documents need a tokenizer, not just a vocabulary size")
+    if tokenizer is None:
+        raise UserError("local pretraining needs a tokenizer, not just a vocabulary size (its Megatron "
+                        "checkpoint is converted to a Hugging Face model with it)")
 
-    model_config = pretrain_llama_config(vocab, seq_length=seq_length, n_layers=n_layers,
-                                         hidden=hidden, heads=heads)
-    config_dict = model_config.to_dict()
-    settings = dict(model=config_dict, seq_length=seq_length, batch_size=batch_size, lr=lr,
-                    seed=seed, steps=steps, eod=eod, version=2)
+    shape = LLAMA_3_2_1B.scaled(num_layers=n_layers, hidden_size=hidden, ffn_hidden_size=4 * hidden,
+                                num_attention_heads=heads, num_query_groups=heads // 4 if heads % 4 == 0 else heads)
+    flags = local_megatron_flags(shape, seq_length=seq_length, batch_size=batch_size, steps=steps, lr=lr, seed=seed)
+    settings = dict(flags=flags, vocab=vocab, seed=seed, steps=steps, eod=eod, version=3)
     out_dir = Path(out_dir).resolve()
     wanted, data_hash = run_hashes(settings, prefix, val_documents)
     cached = load_cached(out_dir, wanted)
@@ -171,11 +181,13 @@ def pretrain_on_megatron_data(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "result.json").unlink(missing_ok=True)
     metrics_path = out_dir / "metrics.csv"
+    checkpoint_dir = out_dir / "megatron"
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     L.seed_everything(seed, workers=True, verbose=False)
     # the same seed gives every method identical initial weights
-    module = CausalLMModule(build_llama(model_config, seed), lr, weight_decay=0.1)
+    module = MegatronGPTModule(flags, vocab, seed, save_dir=checkpoint_dir)
     data = MegatronDataModule(prefix, (vocab, eod), seq_length, steps * batch_size, seed,
-                          str(sample_index_dir(out_dir, data_hash)), batch_size // devices)
+                              str(sample_index_dir(out_dir, data_hash)), batch_size // devices)
     trainer = L.Trainer(
         accelerator="cpu" if not torch.cuda.is_available() else "auto",
         devices=devices,
@@ -187,6 +199,7 @@ def pretrain_on_megatron_data(
         enable_model_summary=False,
         deterministic=True,
         use_distributed_sampler=False,
+        gradient_clip_val=float(flags["--clip-grad"]),
         callbacks=[CurveRecorder(str(metrics_path), tokens_per_step)]
         + ([StderrTrainingBar()] if progress else []),
     )
@@ -195,9 +208,35 @@ def pretrain_on_megatron_data(
         return None  # rank > 0 of a launched DDP job: rank 0 owns the outputs
 
     model_dir = out_dir / "model"
-    _save_model(module.model, tokenizer, model_dir)
+    _convert_checkpoint(checkpoint_dir, tokenizer, vocab, model_dir)
     return _finish(out_dir, model_dir, metrics_path, wanted, steps, tokens_per_step,
                    prefix, tokenizer, val_documents, seq_length)
+
+
+def local_megatron_flags(shape, *, seq_length: int, batch_size: int, steps: int, lr: float, seed: int) -> dict:
+    """The launch script's Megatron-LM flags for a local run (paths left out: they are not architecture)."""
+    flags = megatron_llama_args(data_prefix="data", tokenizer_dir="tokenizer", run_dir=".", method="local",
+                                shape=shape, seq_length=seq_length, global_batch_size=batch_size,
+                                train_tokens=steps * batch_size * seq_length, lr=lr, seed=seed)
+    for path_flag in ("--data-path", "--data-cache-path", "--tokenizer-model", "--save", "--load", "--tensorboard-dir"):
+        flags.pop(path_flag)
+    flags["--bf16"] = False  # CPU training runs in float32
+    return flags
+
+
+def _convert_checkpoint(checkpoint_dir: Path, tokenizer, vocab: int, model_dir: Path) -> None:
+    """Megatron checkpoint -> ``LlamaForCausalLM`` (+ tokenizer) in ``model_dir``, through a temp dir."""
+    from ..megatron_convert import convert_megatron_checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=model_dir.parent))
+    try:
+        if tokenizer is None:
+            raise UserError("converting the local checkpoint needs a tokenizer, not just a vocabulary size")
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(model_dir, ignore_errors=True)
+        convert_megatron_checkpoint(checkpoint_dir, tmp, model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_model(model, tokenizer, model_dir: Path) -> None:

@@ -1,10 +1,13 @@
-"""Numbers behind the report's paper Figures 3 and 4, computed on the run's own pool.
+"""Numbers behind the report's paper Figures 3, 4 and 5 and Table 1, computed on the run's own pool.
 
 Fig 3 (paper section 6.1): G-Vendi of the k-subset that each rounding rule makes from the
 SPOKES relaxed weights, for a grid of k, beside random k-subsets. With alpha = 0 the relaxed
 problem does not depend on k, so one optimization serves every k.
 Fig 4 (paper section 6.2): random vs SPOKES under two representations, gradient features and
 embeddings, with SPOKES run on each representation and each subset scored in its own.
+Table 1 (paper section 4.1) and Fig 5 (paper section 4.2, appendix A): the calibration studies
+of :mod:`spokes_lightning.calibration` on the run's own proxy and pool documents.
+The paper's own numbers for these are in ``paper_figures.json`` (:func:`paper_figures`).
 """
 from __future__ import annotations
 
@@ -56,3 +59,144 @@ def representation_table(features, embeddings, spokes_indices, spokes_params: di
             rep, k=k, seed=seed, log=_quiet, drop_zero_rows=True, **params).indices
         out.append({"representation": name, "k": int(k), "random": rand, "spokes": vendi_score(rep[np.sort(chosen)])})
     return out
+
+
+# --------------------------------------------------------------------------- paper Table 1, Fig. 5
+
+
+def paper_figures() -> dict:
+    """The paper's own numbers (or, where a figure has none readable, its claim) for Table 1 and
+    Figs. 2, 3 and 5, each entry with its ``source`` (``paper_figures.json`` beside this module)."""
+    import json
+    from pathlib import Path
+
+    return json.loads(Path(__file__).with_name("paper_figures.json").read_text())
+
+
+def calibration_draw(n: int, count: int, seed: int) -> np.ndarray:
+    """``min(count, n)`` distinct pool rows in a seeded random order (O(count) for a large pool).
+
+    A study over c documents takes the first c of the draw (sorted), so Table 1's documents are
+    among Fig. 5's.
+    """
+    return np.random.default_rng([seed, 4242]).choice(n, size=min(int(count), n), replace=False)
+
+
+def table1_study(proxy, max_layers: int, method: str, k: int, seed: int, include_head: bool = True) -> dict:
+    """Paper Table 1 on the run's proxy: Spearman of the last-n-layer kernels against the full one.
+
+    ``proxy`` is a :class:`spokes_lightning.calibration.ProxyContext` over the documents; n runs
+    from 1 to ``max_layers`` or the proxy's depth, whichever is smaller.
+    """
+    from ..calibration import layers_study
+
+    depth = proxy.n_model_layers
+    rows = layers_study(proxy, min(int(max_layers), depth), method, int(k), seed, include_head)
+    return {"rows": rows, "n_model_layers": depth, "documents": len(proxy.ids), "max_length": proxy.max_length,
+            "method": method, "include_head": include_head}
+
+
+def fig5_study(reference: np.ndarray, k_values, fractions, seed: int) -> list[dict]:
+    """Paper Fig. 5 (appendix A): overlap (%) of the diversity-only SPOKES subset of each JL map
+    of ``reference`` to k dims with the subset of ``reference`` itself, per selection fraction."""
+    from ..calibration import k_overlap_rows
+
+    return k_overlap_rows(np.asarray(reference, dtype=np.float32), [int(k) for k in k_values],
+                          [float(f) for f in fractions], seed, log=_quiet)
+
+
+def proxy_model_ref(ctx) -> str | None:
+    """The run's proxy LM (its directory, or the configured hub id), or None when the gradient
+    features were imported (then they did not come from this run's proxy)."""
+    if ctx.output("features").get("gradients_imported_from"):
+        return None
+    proxy = ctx.output("proxy")
+    return str(ctx.run_dir / proxy["model"]) if proxy["trained"] else str(proxy["model"])
+
+
+def calibration_studies(ctx, pool) -> dict:
+    """``{"table1": ..., "fig5": ...}`` from ``report.table1`` / ``report.fig5`` on the run's own
+    proxy and pool (each a dict of results, or ``{"skipped": why}``).
+
+    Both draw their documents from one seeded sample of the selectable pool (Table 1's are
+    among Fig. 5's). Table 1 needs the proxy; Fig. 5's reference rows are a fresh proxy sketch at
+    ``k_ref`` (``k_ref`` null, or imported gradient features: the run's own gradient features).
+    """
+    from .data_stages import documents_by_ids
+
+    cfg = ctx.cfg
+    seed = int(cfg.seed)
+    grads = cfg.features.gradients
+    t1, f5 = cfg.report.get("table1"), cfg.report.get("fig5")
+    t1_on, f5_on = bool(t1 is not None and t1.enabled), bool(f5 is not None and f5.enabled)
+    model = proxy_model_ref(ctx)
+    k_ref = None if not f5_on or f5.get("k_ref") is None else int(f5.k_ref)
+    out = {"table1": {"skipped": "report.table1.enabled is false"} if not t1_on else None,
+           "fig5": {"skipped": "report.fig5.enabled is false"} if not f5_on else None}
+    if t1_on and model is None:
+        out["table1"] = {"skipped": "the gradient features were imported (features.gradients.store): "
+                                    "there is no proxy in this run to compute gradients with"}
+    need_proxy = model is not None and ((t1_on and out["table1"] is None) or (f5_on and k_ref is not None))
+    counts = {"table1": int(t1.documents) if t1_on else 0, "fig5": int(f5.documents) if f5_on else 0}
+    draw = calibration_draw(pool.n, max(counts.values()), seed)
+    rows = np.sort(draw)  # the union of both studies' documents, in pool order
+    proxy, docs = None, []
+    if need_proxy:
+        from ..calibration import ProxyContext
+
+        docs = documents_by_ids(ctx, [pool.ids[i] for i in rows])
+        proxy = ProxyContext.from_texts(model, None, [d.id for d in docs], [d.text for d in docs], 2)
+    for name in ("table1", "fig5"):
+        if out[name] is not None:
+            continue
+        settings = t1 if name == "table1" else f5
+        mine = np.sort(draw[: counts[name]])
+        sub = None
+        if proxy is not None:
+            picked = [docs[i] for i in np.searchsorted(rows, mine) if docs[i].text.strip()]
+            sub = proxy.with_documents([d.id for d in picked], [d.text for d in picked], int(settings.max_length))
+        if name == "table1":
+            out[name] = _table1(sub, t1, bool(grads.include_head), seed)
+        else:
+            out[name] = _fig5(pool, mine, sub if k_ref is not None else None, f5, k_ref, grads, seed)
+    return out
+
+
+def _table1(proxy, settings, include_head: bool, seed: int) -> dict:
+    method = str(settings.get("method") or "exact")
+    if method == "exact":
+        params = sum(p.numel() for p in proxy.model.parameters())
+        need_gb = len(proxy.ids) * params * 4 / 2**30
+        limit = float(settings.get("max_gradient_gb") or 4.0)
+        if need_gb > limit:
+            return {"skipped": f"exact gradients of {len(proxy.ids)} documents x {params:,} parameters would hold "
+                               f"{need_gb:.1f} GiB (report.table1.max_gradient_gb = {limit:g}); set "
+                               "report.table1.method: dense or use `python -m spokes_lightning.calibration layers`"}
+    result = table1_study(proxy, int(settings.max_layers), method, int(settings.get("k") or 8192), seed,
+                          include_head)
+    return result
+
+
+def _fig5(pool, rows, proxy, settings, k_ref, grads, seed: int) -> dict:
+    fractions = [float(f) for f in settings.fractions]
+    if proxy is not None:
+        from ..calibration import reference_sketch
+
+        reference = reference_sketch(proxy, int(grads.n_layers), str(grads.projection), k_ref, seed,
+                                     include_head=bool(grads.include_head))
+        source = "proxy_sketch"
+    else:
+        reference = np.asarray(pool.inputs.features[rows], dtype=np.float32)
+        note = (f"report.fig5.k_ref = {k_ref} needs the proxy, and the gradient features were imported"
+                if k_ref is not None else None)
+        k_ref, source = reference.shape[1], "gradient_features"
+    k_values = sorted({int(k) for k in settings.k_values if int(k) <= k_ref})
+    base = {"k_ref": int(k_ref), "reference": source, "documents": int(len(reference)),
+            "run_k": int(pool.inputs.features.shape[1]), "fractions": fractions}
+    if source == "proxy_sketch":
+        base.update(n_layers=int(grads.n_layers), projection=str(grads.projection), max_length=proxy.max_length)
+    elif note:
+        base["note"] = note
+    if not k_values:
+        return {**base, "skipped": f"no report.fig5.k_values at or below the reference dimension {k_ref}"}
+    return {**base, "k_values": k_values, "rows": fig5_study(reference, k_values, fractions, seed)}

@@ -35,6 +35,8 @@ SCORE_SEED_OFFSET = 1_000_003  # the scoring projection's seed: cfg.seed + this,
 
 def _steps(cfg) -> int:
     p = cfg.pretrain
+    if p.get("token_budget") is None:
+        raise UserError("the online stage needs pretrain.token_budget (a number of tokens for every arm)")
     steps = int(p.token_budget) // (int(p.batch_size) * int(p.seq_length))
     if steps < 1:
         raise UserError(f"pretrain.token_budget {p.token_budget} is below one step")

@@ -57,39 +57,48 @@ def method_summary(ctx: RunContext, method: str, sel_info: dict, pool, independe
     }
 
 
-def _rank_marks(values: list[float]) -> list[str]:
-    order = sorted(set(v for v in values if v is not None and not math.isnan(v)), reverse=True)
-    best, second = (order + [None, None])[:2]
-    return ["**" if v == best else "<u>" if v == second else "" for v in values]
+def item_scores_by_method(ctx: RunContext) -> dict:
+    """``{method: {task: 0/1 array (seeds, items)}}`` from the evaluate stage's item files."""
+    from ..evaluation.item_scores import load_item_scores
+
+    items = ctx.results.get("evaluate", {}).get("items", {})
+    return {m: load_item_scores(ctx.run_dir / path) for m, path in items.items()}
 
 
-def table2(summary: dict, tasks: list[str]) -> str:
-    methods = [m for m, s in summary["methods"].items() if s["eval"]]
-    if not methods:
-        return "_No evaluation in this run (evaluate stage disabled or no tasks)._\n"
-    head = "| Method | " + " | ".join(TASK_LABELS.get(t, t) for t in tasks) + " | Avg |\n"
-    head += "|---" * (len(tasks) + 2) + "|\n"
-    cols = tasks + ["avg"]
-    values = {m: [summary["methods"][m]["eval"][t]["acc"] if t != "avg" else summary["methods"][m]["eval"]["avg"]
-                  for t in cols] for m in methods}
-    marks = {m: [""] * len(cols) for m in methods}
-    for c in range(len(cols)):
-        for m, mark in zip(methods, _rank_marks([values[m][c] for m in methods])):
-            marks[m][c] = mark
-    lines = []
-    for m in methods:
-        cells = []
-        for c, t in enumerate(cols):
-            v = values[m][c]
-            se = summary["methods"][m]["eval"][t]["stderr"] if t != "avg" else None
-            text = f"{v:.1f}" + (f" ± {se:.1f}" if se is not None and not math.isnan(se) else "")
-            mk = marks[m][c]
-            cells.append(f"{mk}{text}{'</u>' if mk == '<u>' else mk}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |\n")
-    first = summary["methods"][methods[0]]["eval"]
-    chance = [first[t]["chance"] for t in tasks]
-    lines.append("| _chance_ | " + " | ".join(f"{c:.1f}" for c in chance) + f" | {np.mean(chance):.1f} |\n")
-    return head + "".join(lines)
+def table2(ctx: RunContext, summary: dict, tasks: list[str]) -> str:
+    """Paper Table 2 layout with 95% bootstrap intervals and paired differences to random (no ranks)."""
+    from .report_tables import table2_data, table2_markdown
+
+    items = {m: v for m, v in item_scores_by_method(ctx).items() if m in summary["methods"]}
+    if not items:
+        return "_No evaluation in this run (evaluate stage disabled, no tasks, or no trained models)._\n"
+    data = table2_data(items, tasks, baseline="random", seed=int(ctx.cfg.seed))
+    summary["table2"] = data
+    chance = summary["methods"][next(iter(items))]["eval"]
+    losses = {m: [r["val_loss"] for r in ctx.results.get("pretrain", {}).get(m, {}).get("runs", [])]
+              for m in items}
+    losses = {m: v for m, v in losses.items() if v and None not in v}
+    return table2_markdown(items, tasks, chance={t: chance[t]["chance"] for t in tasks}, data=data,
+                           val_losses=losses or None)
+
+
+def shots_markdown(ctx: RunContext, tasks: list[str]) -> str:
+    """Which fixed solved examples preceded every item (OLMES: 5 per task), by item id."""
+    from ..evaluation.tasks import shots_for
+
+    k = ctx.cfg.evaluate.get("num_fewshot")
+    if k is None:
+        head = "0-shot for every task except MMLU (5 shots: the first 5 `dev` rows of the item's own subject)."
+    else:
+        head = (f"{int(k)} fixed shots per task (OLMES): the first {int(k)} rows of each task's `val` split "
+                "(left out when `val` is evaluated); MMLU: the first rows of the item's own subject in `dev`.")
+    lines = [head + "\n"]
+    if k:
+        for t in tasks:
+            ids = [s.id for s in shots_for(t, k)]
+            lines.append(f"- {TASK_LABELS.get(t, t)}: " + (", ".join(f"`{i}`" for i in ids) if t != "mmlu"
+                                                        else f"{len(ids)} dev rows ({int(k)} per subject)"))
+    return "\n".join(lines) + "\n"
 
 
 def paper_reference() -> str:
@@ -173,6 +182,110 @@ def representation_markdown(summary) -> str:
                           f"{r['spokes'] / r['random']:.2f}x |\n" for r in rows)
 
 
+def _cell(value, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def alpha_overlap_markdown(sweep: dict | None, chosen: float, paper: dict) -> str:
+    """Paper Fig. 2 as a table: this run's alpha sweep beside the paper's chosen-alpha overlaps."""
+    if not sweep:
+        return ""
+    lines = ["\n### Alpha overlaps (paper Fig. 2)\n\nOverlap (%) of the joint SPOKES subset with the quality-only "
+             f"and diversity-only subsets at the same budget (k = {sweep['k']}), per alpha; the paper's rows are "
+             f"its chosen alpha per corpus ({paper['source']}). {paper['claim']}\n\n",
+             "| alpha | overlap with quality-only % | overlap with diversity-only % | G-Vendi | mean quality |\n",
+             "|---|---|---|---|---|\n"]
+    for r in sweep["rows"]:
+        mark = " (chosen)" if r["alpha"] == chosen else ""
+        lines.append(f"| {r['alpha']:g}{mark} | {r['overlap_quality']:.1f} | {r['overlap_diversity']:.1f} | "
+                     f"{r['gvendi']:.1f} | {r['mean_quality']:.3f} |\n")
+    for r in paper["rows"]:
+        lines.append(f"| paper, {r['dataset']}: {r['alpha']:g} | {r['overlap_quality']:.1f} | "
+                     f"{r['overlap_diversity']:.1f} | – | – |\n")
+    return "".join(lines)
+
+
+def gvendi_vs_k_markdown(summary: dict, paper: dict) -> str:
+    """Paper Fig. 3 as a table (this run's curves) and the paper's claim (its figure has no readable numbers)."""
+    curves = summary.get("rounding_curves")
+    if not curves:
+        return ""
+    rules = [r for r in curves if r not in ("k", "random")]
+    lines = ["\n### G-Vendi vs k (paper Fig. 3)\n\nG-Vendi of the k-subset each rounding rule makes from one "
+             "relaxed SPOKES solve (alpha = 0), beside a random k-subset; the last k is the whole pool.\n\n",
+             "| k | " + " | ".join(rules) + " | random |\n", "|---" * (len(rules) + 2) + "|\n"]
+    for i, k in enumerate(curves["k"]):
+        cells = [f"{curves[r][i]:.1f}" for r in rules] + [f"{curves['random'][i]:.1f}"]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |\n")
+    below = len(curves["k"]) - 1  # the last k is the whole pool, the same for every rule
+    rising = [r for r in rules if all(b >= a for a, b in zip(curves[r][:below], curves[r][1:below]))]
+    above = [r for r in rules if all(v > x for v, x in zip(curves[r][:below], curves["random"][:below]))]
+    lines.append(f"\nPaper ({paper['source']}): {paper['claim']} This run, for k below the whole pool: "
+                 f"G-Vendi rises with k for {', '.join(rising) or 'no rule'}; it is above random at every k for "
+                 f"{', '.join(above) or 'no rule'}.\n")
+    return "".join(lines)
+
+
+def table1_markdown(result: dict | None, paper: dict, features_n_layers: int) -> str:
+    """Paper Table 1 beside this run's proxy: row-wise Spearman of last-n-layer vs full-gradient kernels."""
+    head = "\n## Kernel calibration (paper Table 1)\n\n"
+    if result is None:
+        return ""
+    if "skipped" in result:
+        return head + f"Not computed: {result['skipped']}.\n"
+    depth, models = result["n_model_layers"], paper["models"]
+    ours = {r["last_n_layers"]: r["spearman_vs_full"] for r in result["rows"]}
+    ns = sorted(set(ours) | {int(n) for m in models.values() for n in m})
+    head_text = " + output head" if result["include_head"] else ""
+    how = ("exact per-document gradients" if result["method"] == "exact"
+           else "dense Rademacher sketches of the per-document gradients")
+    lines = [head, f"Average row-wise Spearman correlation (diagonal excluded) between the cosine kernel of the "
+             f"gradients of the last n decoder blocks{head_text} and that of all {depth} blocks{head_text}, over "
+             f"{result['documents']} pool documents (first {result['max_length']} tokens), from {how} of this "
+             f"run's proxy; the features stage uses n = {features_n_layers}. The paper's columns: its two proxy "
+             f"models, {paper['documents']} samples ({paper['source']}).\n\n",
+             f"| last n layers | this run's proxy ({depth} layers) | " + " | ".join(f"paper: {m}" for m in models)
+             + " |\n", "|---" * (len(models) + 2) + "|\n"]
+    for n in ns:
+        lines.append(f"| {n} | {_cell(ours.get(n), '.4f')} | "
+                     + " | ".join(_cell(v.get(str(n)), ".4f") for v in models.values()) + " |\n")
+    lines.append(f"\nPaper: {paper['claim']}\n")
+    return "".join(lines)
+
+
+def fig5_markdown(result: dict | None, paper: dict) -> str:
+    """Paper Fig. 5 beside this run: SPOKES subset overlap (%) of each JL dimension k with the reference."""
+    head = "\n## JL dimension vs overlap (paper Fig. 5)\n\n"
+    if result is None:
+        return ""
+    if "skipped" in result and "k_ref" not in result:
+        return head + f"Not computed: {result['skipped']}.\n"
+    if result["reference"] == "proxy_sketch":
+        source = (f"a {result['projection']} sketch at k = {result['k_ref']} of the gradients of the proxy's last "
+                  f"{result['n_layers']} layers, computed here (first {result['max_length']} tokens)")
+    else:
+        source = f"this run's gradient features (k = {result['k_ref']})"
+        if result.get("note"):
+            source += f" ({result['note']})"
+    text = (f"Overlap (%) between the diversity-only SPOKES subset of a Rademacher JL map of the reference rows to k "
+            f"dimensions and the subset of the reference itself, per selection fraction, over {result['documents']} "
+            f"pool documents; reference: {source}. This run's features use k = {result['run_k']}.\n\n")
+    if "skipped" in result:
+        return head + text + f"Not computed: {result['skipped']}.\n"
+    fractions = result["fractions"]
+    lines = [head, text, "| k | " + " | ".join(f"fraction {f:g}" for f in fractions) + " |\n",
+             "|---" * (len(fractions) + 1) + "|\n"]
+    by = {(r["k"], r["fraction"]): r["overlap_pct"] for r in result["rows"]}
+    for k in result["k_values"]:
+        lines.append(f"| {k} | " + " | ".join(f"{by[(k, f)]:.1f}" for f in fractions) + " |\n")
+    for p in paper["points"]:
+        lines.append(f"| paper: {p['k']:,} vs {paper['reference_k']:,} ({paper['documents']:,} documents) | "
+                     + " | ".join(f"{p['overlap_pct']:.1f}" if f == p["fraction"] else "–" for f in fractions)
+                     + " |\n")
+    lines.append(f"\nPaper ({paper['source']}; {paper['setup']}): {paper['claim']}\n")
+    return "".join(lines)
+
+
 class ReportStage(Stage):
     name = "report"
     volatile = ("summary.json",)  # stage_seconds
@@ -230,11 +343,19 @@ class ReportStage(Stage):
                                                                np.asarray(spokes_rows), params, seed)
             plots.representation_bars(fig_dir / "fig4_representations.png", summary["representations"])
             out["fig4"] = "figures/fig4_representations.png"
+        from .figure_data import calibration_studies, paper_figures
+
         if select.get("alpha_sweep"):
             sweep = json.loads((ctx.run_dir / select["alpha_sweep"]).read_text())
             plots.alpha_tradeoff(fig_dir / "fig1_alpha_tradeoff.png", sweep["rows"], select["alpha"])
-            plots.alpha_overlaps(fig_dir / "fig2_overlaps.png", sweep["rows"], select["alpha"])
+            plots.alpha_overlaps(fig_dir / "fig2_overlaps.png", sweep["rows"], select["alpha"],
+                                 paper_figures()["fig2"]["rows"])
             out.update(fig1="figures/fig1_alpha_tradeoff.png", fig2="figures/fig2_overlaps.png")
+        summary.update(calibration_studies(ctx, pool))  # paper Table 1 and Fig. 5 on this run's proxy and pool
+        if summary["fig5"].get("rows"):
+            plots.jl_overlap(fig_dir / "fig5_jl_overlap.png", summary["fig5"]["rows"], summary["fig5"]["k_ref"],
+                             paper_figures()["fig5"])
+            out["fig5"] = "figures/fig5_jl_overlap.png"
         curves = {}
         for m, p in ctx.results.get("pretrain", {}).items():
             from ..models.pretrain_record import read_curve
@@ -252,20 +373,29 @@ class ReportStage(Stage):
         tasks = list(cfg.evaluate.tasks)
         sel = ctx.output("select")
         contamination = ctx.results.get("evaluate", {}).get("contamination", {})
+        from .figure_data import paper_figures
+
+        paper = paper_figures()
         parts = [f"# spokes-lightning report: recipe `{summary['recipe']}`\n",
                  f"Pool: {summary['n_documents']} selectable documents ({sel['n_unselectable']} without features, "
                  f"counted not selected); budget {cfg.selection.budget} ({cfg.selection.budget_unit}); "
                  f"alpha for spokes_quality = {sel['alpha']:g}"
                  f"{' (auto, paper section 3.2)' if cfg.selection.alpha == 'auto' else ''}.\n",
                  corpus_line(ctx.output("corpus")),
-                 "\n## Downstream accuracy (paper Table 2 layout; % , ± standard error; **best**, <u>second</u>)\n\n",
-                 table2(summary, tasks),
+                 "\n## Downstream accuracy (paper Table 2 layout)\n\n",
+                 table2(ctx, summary, tasks),
+                 "\nShots: ", shots_markdown(ctx, tasks),
                  "\nScale note: these are tiny local models trained on the demo pool; compare methods with each "
                  "other, not with the published 1B/100B-token numbers below.\n\n", paper_reference(),
                  "\n## Selections\n\nG-Vendi is on the gradient features SPOKES optimized; the independent column "
                  "re-scores the same documents under a gradient sketch with another projection seed.\n\n",
                  feature_sources(ctx.output("features")),
                  selection_table(ctx, summary), representation_markdown(summary),
+                 alpha_overlap_markdown(json.loads((ctx.run_dir / sel["alpha_sweep"]).read_text())
+                                        if sel.get("alpha_sweep") else None, sel["alpha"], paper["fig2"]),
+                 gvendi_vs_k_markdown(summary, paper["fig3"]),
+                 table1_markdown(summary.get("table1"), paper["table1"], int(cfg.features.gradients.n_layers)),
+                 fig5_markdown(summary.get("fig5"), paper["fig5"]),
                  "\n## Decontamination (documents sharing a "
                  f"{cfg.evaluate.decontamination_ngram}-gram with any evaluation item)\n\n| Method | contaminated | of |\n|---|---|---|\n",
                  "".join(f"| {m} | {contamination[m]['n_contaminated']} | {contamination[m]['n_documents']} |\n"

@@ -1,7 +1,10 @@
 """Stages 5-7: export (the Megatron handoff), local pretraining, OLMES-style evaluation."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+import numpy as np
 
 from ..selection.artifact import read_selection
 from .data_stages import documents_by_ids, export_tokenizer, pool_documents, pool_rows, validation_documents
@@ -52,8 +55,28 @@ class ExportStage(Stage):
         return out
 
 
+def pretrain_seeds(cfg) -> list[int]:
+    """``pretrain.seeds``, or the run's ``seed`` alone."""
+    seeds = cfg.pretrain.get("seeds")
+    return [int(cfg.seed)] if not seeds else [int(s) for s in seeds]
+
+
+def pretrain_token_budget(cfg, dataset_tokens: dict[str, int]) -> int:
+    """``pretrain.token_budget``, or ``epochs`` x the largest selection's tokens, in whole steps.
+
+    One budget for every method (the paper's fixed-token comparison); with the budget left to
+    null, even the largest selection is seen ``epochs`` times (Section 5.3: about one epoch).
+    """
+    p = cfg.pretrain
+    if p.get("token_budget") is not None:
+        return int(p.token_budget)
+    per_step = int(p.batch_size) * int(p.seq_length)
+    wanted = float(p.get("epochs") or 1.0) * max(dataset_tokens.values())
+    return int(math.ceil(wanted / per_step)) * per_step
+
+
 class PretrainStage(Stage):
-    """Same small LLaMA, same seed, same token budget for every method, on its Megatron data."""
+    """Same small Megatron-architecture LLaMA, same seeds, same token budget for every method, on its Megatron data."""
 
     name = "pretrain"
     needs = ("corpus", "tokenizer", "export")
@@ -62,32 +85,71 @@ class PretrainStage(Stage):
         return {"pretrain": cfg.pretrain, "seed": cfg.seed}
 
     def handed_on(self, outputs):
-        return [path for pre in outputs.values() for path in (pre["model_dir"], pre["metrics"])]
+        return [path for pre in outputs.values() for run in pre["runs"] for path in (run["model_dir"], run["metrics"])]
 
     def run(self, ctx):
+        from ..megatron_data import indexed_dataset_stats
         from ..models.pretrain import pretrain_on_megatron_data
 
         p = ctx.cfg.pretrain
         if not p.enabled:
-            log("pretrain: disabled in this recipe (run the generated Megatron scripts instead)")
+            log("pretrain: disabled in this recipe (run the generated Megatron scripts; evaluate.checkpoints "
+                "brings their checkpoints back)")
             return {}
         tok = export_tokenizer(ctx)
         val = [d.text for d in validation_documents(ctx)]
-        out = {}
         exports = ctx.output("export")
-        for method in ordered_methods(ctx.cfg, exports):
-            exp = exports[method]
-            res = pretrain_on_megatron_data(
-                ctx.run_dir / exp["megatron_prefix"], tok, ctx.run_dir / "pretrain" / method,
-                token_budget=int(p.token_budget), seq_length=int(p.seq_length), n_layers=int(p.n_layers),
-                hidden=int(p.hidden), heads=int(p.heads), batch_size=int(p.batch_size), lr=float(p.lr),
-                seed=int(ctx.cfg.seed), devices=p.devices, strategy=p.strategy, val_documents=val)
-            out[method] = {"model_dir": ctx.rel(Path(res.model_dir)), "metrics": ctx.rel(Path(res.metrics_path)),
-                           "steps": res.steps, "tokens_seen": res.tokens_seen, "epochs": res.epochs,
-                           "final_loss": res.final_loss, "val_loss": res.val_loss}
-            log(f"pretrain: {method}: {res.steps} steps, {res.epochs:.2f} epochs, final loss {res.final_loss:.3f}, "
-                f"val loss {res.val_loss:.3f}")
+        methods = ordered_methods(ctx.cfg, exports)
+        sizes = {m: indexed_dataset_stats(ctx.run_dir / exports[m]["megatron_prefix"])[1] for m in methods}
+        budget = pretrain_token_budget(ctx.cfg, sizes)
+        log(f"pretrain: {budget} tokens per model ({budget / max(sizes.values()):.2f} epochs of the largest "
+            f"selection), seeds {pretrain_seeds(ctx.cfg)}")
+        out = {}
+        for method in methods:
+            runs = []
+            for seed in pretrain_seeds(ctx.cfg):
+                res = pretrain_on_megatron_data(
+                    ctx.run_dir / exports[method]["megatron_prefix"], tok,
+                    ctx.run_dir / "pretrain" / method / f"seed_{seed}", token_budget=budget,
+                    seq_length=int(p.seq_length), n_layers=int(p.n_layers), hidden=int(p.hidden),
+                    heads=int(p.heads), batch_size=int(p.batch_size), lr=float(p.lr), seed=seed,
+                    devices=p.devices, strategy=p.strategy, val_documents=val)
+                runs.append({"seed": seed, "model_dir": ctx.rel(Path(res.model_dir)),
+                             "checkpoint": ctx.rel(Path(res.out_dir) / "megatron"),
+                             "metrics": ctx.rel(Path(res.metrics_path)), "final_loss": res.final_loss,
+                             "val_loss": res.val_loss})
+                log(f"pretrain: {method} seed {seed}: {res.steps} steps, {res.epochs:.2f} epochs, final loss "
+                    f"{res.final_loss:.3f}, val loss {res.val_loss:.3f}")
+            first = runs[0]
+            out[method] = {"model_dir": first["model_dir"], "metrics": first["metrics"], "steps": res.steps,
+                           "tokens_seen": res.tokens_seen, "dataset_tokens": res.dataset_tokens, "epochs": res.epochs,
+                           "final_loss": float(np.mean([r["final_loss"] for r in runs])),
+                           "val_loss": float(np.mean([r["val_loss"] for r in runs])), "runs": runs}
         return out
+
+
+def models_to_evaluate(ctx: RunContext) -> dict[str, list[tuple[str, Path]]]:
+    """``{method: [(label, HF model dir), ...]}``: ``evaluate.checkpoints`` if set, else this run's models.
+
+    A checkpoint may be a Hugging Face directory or a Megatron-LM ``--save`` directory, which is
+    converted once into ``evaluate/converted/<method>/<i>`` with ``evaluate.tokenizer`` (default:
+    the run's exported tokenizer).
+    """
+    from ..megatron_convert import resolve_model_dir
+
+    e = ctx.cfg.evaluate
+    if e.get("checkpoints"):
+        tokenizer = e.get("tokenizer") or (ctx.run_dir / ctx.output("tokenizer")["dir"])
+        out = {}
+        for method, dirs in to_plain(e.checkpoints).items():
+            dirs = [dirs] if isinstance(dirs, str) else list(dirs)
+            out[method] = [(f"checkpoint {i}", resolve_model_dir(d, tokenizer_dir=tokenizer,
+                                                                 cache_dir=ctx.run_dir / "evaluate" / "converted" / method / str(i)))
+                           for i, d in enumerate(dirs)]
+        return out
+    trained = ctx.results.get("pretrain", {})
+    return {m: [(f"seed {r['seed']}", ctx.run_dir / r["model_dir"]) for r in trained[m]["runs"]]
+            for m in ordered_methods(ctx.cfg, trained)}
 
 
 class EvaluateStage(Stage):
@@ -100,10 +162,12 @@ class EvaluateStage(Stage):
         return cfg.evaluate
 
     def run(self, ctx):
-        from ..evaluation import contamination_by_selection, evaluate_model
+        from ..evaluation import contamination_by_selection
+        from ..evaluation.item_scores import save_item_scores
+        from ..evaluation.run import evaluate_with_items
 
         e = ctx.cfg.evaluate
-        out = {"scores": {}, "contamination": {}}
+        out = {"scores": {}, "contamination": {}, "items": {}, "num_fewshot": e.get("num_fewshot")}
         methods = ctx.output("select")["methods"]
         selections = {m: read_selection(ctx.run_dir / methods[m]["selection"]).ids
                       for m in ordered_methods(ctx.cfg, methods)}
@@ -115,11 +179,28 @@ class EvaluateStage(Stage):
                                        "ids": c["contaminated_ids"][:50]}
         if not e.tasks:
             return out
-        trained = ctx.output("pretrain")
-        for method in ordered_methods(ctx.cfg, trained):
-            pre = trained[method]
-            scores = evaluate_model(ctx.run_dir / pre["model_dir"], tasks=list(e.tasks), split=str(e.split),
-                                    limit=None if e.limit is None else int(e.limit), batch_size=int(e.batch_size))
-            out["scores"][method] = scores
-            log(f"evaluate: {method}: average accuracy {scores['avg']:.2f}")
+        for method, models in models_to_evaluate(ctx).items():
+            per_model, items = [], []
+            for label, model_dir in models:
+                scores, correct = evaluate_with_items(
+                    model_dir, tasks=list(e.tasks), split=str(e.split), limit=None if e.limit is None else int(e.limit),
+                    batch_size=int(e.batch_size), num_fewshot=e.get("num_fewshot"))
+                per_model.append(scores)
+                items.append(correct)
+                log(f"evaluate: {method} ({label}): average accuracy {scores['avg']:.2f}")
+            path = ctx.run_dir / "evaluate" / f"{method}_items.npz"
+            save_item_scores(path, {t: np.stack([c[t] for c in items]) for t in e.tasks})
+            out["items"][method] = ctx.rel(path)
+            out["scores"][method] = mean_scores(per_model)
         return out
+
+
+def mean_scores(per_model: list[dict]) -> dict:
+    """Per-task summaries averaged over models (seeds): accuracy and stderr means, the rest from the first."""
+    if len(per_model) == 1:
+        return per_model[0]
+    first = per_model[0]
+    out = {t: {**first[t], "acc": float(np.mean([s[t]["acc"] for s in per_model])),
+               "stderr": float(np.mean([s[t]["stderr"] for s in per_model]))} for t in first if t != "avg"}
+    out["avg"] = float(np.mean([s["avg"] for s in per_model]))
+    return out
