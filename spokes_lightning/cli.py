@@ -210,12 +210,18 @@ def cmd_select(args) -> dict:
     pool, features = cli_pool(args, cls)
     budget = Budget.resolve(args.budget, args.budget_unit, pool)
     spec = resolve_auto(pool, args.method, {"selector": args.method, **params}, budget.k, args.seed, {}, {})
+    chosen = {key: spec[key] for key, value in params.items() if value == "auto"}
+    for key, value in chosen.items():  # say what "auto" became (e.g. --alpha auto: section 3.2's alpha)
+        shown = f"{value:g}" if isinstance(value, float) else json.dumps(value, default=str)
+        print(f"[spokes] {args.method}: {key}=auto chose {key}={shown}", file=sys.stderr, flush=True)
     result = select_method(pool, spec, budget, args.seed)
     indices = np.asarray(result.indices, dtype=np.int64)
     copies = check_multiplicity(args.method, result, len(indices))
     gvendi, mean_q = selection_scores(features, pool.inputs.quality, indices)
     out = {"method": args.method, "n": pool.n, "selected": int(len(indices)), "gvendi": gvendi,
            "mean_quality": mean_q}
+    if "alpha" in chosen:
+        out["alpha"] = float(chosen["alpha"])
     if (copies != 1).any():  # the copies go next to the indices: OUT.multiplicity.npy
         multiplicity_path = str(Path(args.out).with_suffix("")) + ".multiplicity.npy"
         save_npy_atomic(multiplicity_path, copies)

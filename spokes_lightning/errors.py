@@ -37,6 +37,29 @@ def user_errors_exit():
         fail(f"cannot write or read{where}: {exc.strerror or exc}")
 
 
+def exit_on_uncaught_user_error() -> None:
+    """Make a :class:`UserError` that nobody catches end a script like an entry point: one line, exit 2.
+
+    Installs, once per process, a ``sys.excepthook`` that reports an uncaught ``UserError`` with
+    :func:`fail` (no traceback) and hands every other exception to the hook it replaced. Code that
+    catches the error is unaffected, and so are IPython/Jupyter and pytest (they do not use
+    ``sys.excepthook``). The adapters for user-written training scripts (the Hugging Face
+    ``Trainer`` ones) call it, so a plain ``trainer.train()`` script reports bad input in one line;
+    ``with user_errors_exit():`` around a script's body does the same explicitly.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_reports_user_errors", False):
+        return
+
+    def hook(kind, value, traceback):
+        if isinstance(value, UserError):
+            fail(str(value))  # SystemExit(2) from the hook: the interpreter exits with code 2
+        previous(kind, value, traceback)
+
+    hook._reports_user_errors = True
+    sys.excepthook = hook
+
+
 def require_package(module: str, pip_name: str | None = None):
     """Import an optional dependency or raise a one-line pip hint."""
     import importlib

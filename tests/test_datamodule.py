@@ -226,3 +226,64 @@ def test_two_process_ddp_fit_serves_each_selected_doc_once_per_epoch(tmp_path):
         docs_on = [{s[0] for s in segs} for segs in per_rank]
         assert not docs_on[0] & docs_on[1]  # no document on both ranks
         check_epoch([tuple(s) for segs in per_rank for s in segs], dict(docs), selected, tokenizer)
+
+
+def test_causal_lm_module_fits_on_selected_datamodule_batches(tmp_path):
+    """The toolkit's CausalLMModule trains on SelectedDataModule batches (input_ids/labels/attention_mask):
+    a real Lightning fit on a selection artifact, finite and falling loss; padding is never a target."""
+    import lightning as L
+    import torch
+
+    from spokes_lightning.models.llama import CausalLMModule, build_llama, causal_lm_loss, llama_config
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_text import tiny_corpus, tiny_tokenizer
+
+    torch.set_num_threads(1)
+    corpus = tiny_corpus(24)
+    docs = [(d["id"], d["text"]) for d in corpus]
+    ids = [doc_id for doc_id, _ in docs]
+    tokenizer = tiny_tokenizer(d["text"] for d in corpus)
+    artifact = write_selection(tmp_path / "sel", "random", SelectionResult(indices=np.arange(0, 24, 2)), ids,
+                               {}, 0, {})
+    dm = SelectedDataModule(docs, artifact, tokenizer, seq_length=32, batch_size=4, seed=0)
+    config = llama_config(len(tokenizer), hidden=32, intermediate=64, n_layers=2, heads=2, kv_heads=2,
+                          max_length=32)
+    module = CausalLMModule(build_llama(config, seed=0), lr=1e-2, weight_decay=0.0)
+
+    class Losses(L.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.values.append(float(outputs["loss"]))
+
+    losses = Losses()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=12, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[losses])
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 12 and len(losses.values) == 12
+    assert all(np.isfinite(losses.values))
+    assert np.mean(losses.values[-3:]) < losses.values[0] - 0.5  # it learns (templated text)
+
+    # the loss is the mean over real targets only: padding rows / masked positions change nothing
+    model = module.model.eval()
+    batch = next(iter(dm.train_dataloader()))
+    real = batch["attention_mask"].bool().all(dim=1)
+    assert real.any()
+    rows = {k: batch[k][real] for k in ("input_ids", "labels", "attention_mask")}
+    with torch.no_grad():
+        want = model(input_ids=rows["input_ids"], labels=rows["labels"]).loss
+        got = causal_lm_loss(model, rows)
+        pad = {"input_ids": torch.full_like(rows["input_ids"][:1], tokenizer.eos_token_id),
+               "labels": torch.full_like(rows["labels"][:1], -100),
+               "attention_mask": torch.zeros_like(rows["attention_mask"][:1])}
+        padded = causal_lm_loss(model, {k: torch.cat([rows[k], pad[k]]) for k in rows})
+        masked = dict(rows, attention_mask=rows["attention_mask"].clone())
+        masked["attention_mask"][:, -4:] = 0  # right padding: these 4 positions are no longer targets
+        cut = dict(rows, labels=rows["labels"].clone())
+        cut["labels"][:, -4:] = -100
+        assert causal_lm_loss(model, pad) == 0  # nothing to predict: 0, not NaN
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(padded, want, atol=1e-5)
+    assert torch.allclose(causal_lm_loss(model, masked), causal_lm_loss(model, cut), atol=1e-6)
+    assert not torch.allclose(causal_lm_loss(model, masked), want, atol=1e-4)

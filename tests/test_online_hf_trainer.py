@@ -91,3 +91,51 @@ def test_trainer_bad_input_exits_2(corpus, tmp_path, extra_env, settings, messag
     proc = run(corpus, tmp_path / "bad", extra_env=extra_env, settings=settings)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_online_trainer_selection_is_all_a_stock_trainer_needs(corpus, tmp_path):
+    """The public HF entry point: one object gives the Trainer its dataset, callback and step/batch
+    arguments; a stock Trainer run trains on the plan and reselects with the live model."""
+    import gzip
+
+    import torch
+    from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+
+    from spokes_lightning.errors import UserError
+    from spokes_lightning.integrations.hf_trainer import OnlineTrainerSelection as FromIntegrations
+    from spokes_lightning.online import OnlineTrainerSelection
+
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    from online_run import tiny_llama
+
+    assert FromIntegrations is OnlineTrainerSelection
+    torch.set_num_threads(1)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tok.json"), eos_token="[EOS]", pad_token="[PAD]")
+    docs = [(d["id"], d["text"]) for d in map(json.loads, gzip.open(corpus / "corpus.jsonl.gz", "rt"))]
+    online = OnlineTrainerSelection(docs, tok, total_steps=9, every_n_steps=3, window=24, global_batch=4,
+                                    seq_length=16, seed=1, mode="online",
+                                    sketch={"k": 64, "max_length": 16, "batch_size": 4})
+    assert len(online.plan.segments) == 2  # planned before the first step
+    arguments = online.training_arguments()
+    assert arguments == {"max_steps": 9, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
+    assert online.training_arguments(world_size=2)["per_device_train_batch_size"] == 2
+    with pytest.raises(UserError, match="does not split over 3 processes"):
+        online.training_arguments(world_size=3)
+
+    model = tiny_llama(len(tok))
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].tolist()) if m.training else None,
+                                    with_kwargs=True)  # training forwards only (not the sketches)
+    args = TrainingArguments(output_dir=str(tmp_path / "lm"), **arguments, learning_rate=1e-2, save_strategy="no",
+                             report_to=[], use_cpu=True, seed=0, disable_tqdm=True, logging_steps=100)
+    trainer = Trainer(model=model, args=args, train_dataset=online.train_dataset, callbacks=[online.callback])
+    trainer.train()
+    assert trainer.state.global_step == 9
+    records = online.reselector.records
+    assert [r["rule"] for r in records] == ["random", "random", "online"]  # segment 2 picked at step 3
+    assert records[2]["planned_at_step"] == 3 and records[2]["n_picks"] > 0
+    plan = online.plan
+    assert len(plan.segments) == 3  # step 6 would plan segment 3: past the 9 steps
+    want = [[plan.sequence_arrays(q)[0].tolist() for q in plan.step_sequences(step, 0, 1)] for step in range(9)]
+    assert seen == want  # the Trainer trained exactly the plan, the reselected segment included
+    assert all(p.requires_grad for p in model.parameters())

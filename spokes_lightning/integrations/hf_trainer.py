@@ -44,6 +44,16 @@ records the selection fingerprint (sha256 of the sorted ``(id, copies)``, ``seed
 ``seq_length``, ``batch_size``) in ``trainer_state.json`` and refuses, in one line, a resume whose
 selection or shape differs from the checkpoint's. Items need no collator beyond the Trainer's
 default (with ``processing_class=tokenizer`` the tokenizer needs a pad token).
+
+Bad input (an id not in the corpus, a batch size that differs, a resume with another selection,
+...) raises :class:`~spokes_lightning.errors.UserError`. In a script, one that nobody catches ends
+the program with ONE line on stderr (``error: ...``) and exit code 2, no traceback: building a
+``SelectionDataset`` or ``SelectionTrainerCallback`` installs that report
+(:func:`~spokes_lightning.errors.exit_on_uncaught_user_error`); ``with user_errors_exit():`` around
+the script's body does the same explicitly. Code that catches ``UserError`` gets the exception.
+
+Online reselection (the model being trained picks what comes next) under the same ``Trainer``:
+:class:`~spokes_lightning.online.hf_trainer.OnlineTrainerSelection`, also importable from here.
 """
 from __future__ import annotations
 
@@ -60,9 +70,17 @@ from transformers.trainer_callback import ExportableState
 
 from ..datamodule import (IGNORE_INDEX, Segment, _as_id_text_pairs, _tokenize, pack_documents,
                           selected_copies, shard_documents)
-from ..errors import UserError
+from ..errors import UserError, exit_on_uncaught_user_error
 
-__all__ = ["SelectionDataset", "SelectionTrainerCallback", "find_selection_dataset"]
+__all__ = ["OnlineTrainerSelection", "SelectionDataset", "SelectionTrainerCallback", "find_selection_dataset"]
+
+
+def __getattr__(name: str):
+    if name == "OnlineTrainerSelection":  # online reselection: imported on first use
+        from ..online.hf_trainer import OnlineTrainerSelection
+
+        return OnlineTrainerSelection
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ceil(a: int, b: int) -> int:
@@ -90,6 +108,7 @@ class SelectionDataset(IterableDataset):
 
     def __init__(self, documents, selection, tokenizer, seq_length: int, batch_size: int,
                  seed: int = 0, text_field: str = "text", world_size: int | None = None):
+        exit_on_uncaught_user_error()
         if seq_length < 2 or batch_size < 1:
             raise UserError(f"seq_length must be >= 2 and batch_size >= 1, got {seq_length}, {batch_size}")
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -273,6 +292,7 @@ class SelectionTrainerCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, expected_fingerprint: str | None = None):
+        exit_on_uncaught_user_error()
         self.expected_fingerprint = expected_fingerprint
         self.record: dict[str, Any] | None = None
 

@@ -72,16 +72,47 @@ def build_llama(config, seed: int):
     return LlamaForCausalLM(config)
 
 
-def causal_lm_loss(model, batch) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch.
+IGNORE_INDEX = -100
 
-    A batch is ``(input_ids,)`` packed blocks (labels = inputs, shifted by the model) or a
-    Megatron sample dict ``{"tokens", "labels", "loss_mask"}`` (mean over positions with mask 1).
+
+def causal_lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch, over the positions that have a target.
+
+    A batch is one of:
+
+    * ``(input_ids,)`` packed blocks (labels = inputs, shifted by the model);
+    * a Hugging Face dict ``{"input_ids", "labels", "attention_mask"}`` as served by
+      :class:`~spokes_lightning.datamodule.SelectedDataModule` and the HF ``SelectionDataset``:
+      ``labels`` are NOT shifted (token ``t + 1`` is the target at ``t``), ``-100`` marks no target,
+      and a position with ``attention_mask == 0`` is never a target. ``labels`` default to
+      ``input_ids``; other keys (``doc_ids``, ``segments``) are ignored;
+    * a Megatron sample dict ``{"tokens", "labels", "loss_mask"}`` (labels already shifted; mean
+      over positions with mask 1).
+
+    A dict batch without any target (all padding) gives a loss of 0 with zero gradients, not NaN.
     """
     if not isinstance(batch, Mapping):
         (input_ids,) = batch
         return model(input_ids=input_ids, labels=input_ids).loss
     import torch.nn.functional as F
+
+    if "tokens" not in batch and "input_ids" in batch:
+        input_ids = batch["input_ids"]
+        labels = batch.get("labels")
+        labels = input_ids if labels is None else labels
+        mask = batch.get("attention_mask")
+        kwargs = {}
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+            # right padding (each row: real tokens, then padding) needs no mask: causal attention
+            # already keeps real positions from seeing later padding, and it keeps the fast kernels
+            if bool((mask[:, 1:] > mask[:, :-1]).any()):
+                kwargs["attention_mask"] = mask
+        logits = model(input_ids=input_ids, **kwargs).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
     logits = model(input_ids=batch["tokens"]).logits.float()
     per_token = F.cross_entropy(
@@ -89,6 +120,12 @@ def causal_lm_loss(model, batch) -> torch.Tensor:
     )
     mask = batch["loss_mask"].reshape(-1).to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _batch_size(batch) -> int:
+    if not isinstance(batch, Mapping):
+        return len(batch[0])
+    return len(batch["tokens"] if "tokens" in batch else batch["input_ids"])
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -101,6 +138,12 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 class CausalLMModule(pl.LightningModule):
     """Next-token training of a HF causal LM with AdamW (betas 0.9, 0.95).
+
+    Batches: any of :func:`causal_lm_loss` (packed ``(input_ids,)`` blocks, the
+    ``input_ids``/``labels``/``attention_mask`` batches of
+    :class:`~spokes_lightning.datamodule.SelectedDataModule`, or Megatron samples)::
+
+        trainer.fit(CausalLMModule(model, lr=3e-4, weight_decay=0.1), datamodule=SelectedDataModule(...))
 
     ``warmup_steps=None`` keeps the learning rate constant; otherwise it follows
     :func:`warmup_cosine` over ``total_steps``. ``decay_all=False`` exempts norm weights and
@@ -116,7 +159,7 @@ class CausalLMModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = causal_lm_loss(self.model, batch)
-        size = len(batch["tokens"]) if isinstance(batch, Mapping) else len(batch[0])
+        size = _batch_size(batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True,
                  batch_size=size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,

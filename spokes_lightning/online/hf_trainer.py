@@ -1,14 +1,25 @@
 """Hugging Face ``Trainer`` adapter of online reselection (the Lightning one is :mod:`.lightning`).
 
-Usage::
+Usage (one process, or several under ``torchrun`` / ``accelerate launch``)::
 
-    reselector = build_reselector(documents, tokenizer, total_steps=58, every_n_steps=8, window=64,
-                                  global_batch=8, seq_length=256, seed=0, mode="online")
-    reselector.plan_initial()
-    trainer = Trainer(model=model, args=TrainingArguments(max_steps=58, per_device_train_batch_size=8 // world,
-                                                          gradient_accumulation_steps=1, ...),
-                      train_dataset=OnlineTrainerDataset(reselector.plan),
-                      callbacks=[OnlineReselectionTrainerCallback(reselector, tokenizer)])
+    from transformers import Trainer, TrainingArguments
+    from spokes_lightning.online.hf_trainer import OnlineTrainerSelection
+
+    online = OnlineTrainerSelection(documents, tokenizer, total_steps=58, every_n_steps=8, window=64,
+                                    global_batch=8, seq_length=256, seed=0, mode="online")
+    args = TrainingArguments("runs/lm", **online.training_arguments(), learning_rate=3e-4, save_steps=16)
+    trainer = Trainer(model=model, args=args, train_dataset=online.train_dataset, callbacks=[online.callback])
+    trainer.train()                    # later: trainer.train(resume_from_checkpoint=True)
+    online.reselector.records          # one record per planned segment (rule, picks, tokens, seconds)
+
+:class:`OnlineTrainerSelection` tokenizes the candidate pool, builds the plan and its
+:class:`~spokes_lightning.online.reselect.OnlineReselector` (``build_reselector``), plans the first
+two segments, and holds the two pieces the ``Trainer`` takes: ``train_dataset``
+(:class:`OnlineTrainerDataset`) and ``callback`` (:class:`OnlineReselectionTrainerCallback`).
+``training_arguments()`` gives the ``TrainingArguments`` the plan fixes (``max_steps``,
+``per_device_train_batch_size = global_batch / processes``, ``gradient_accumulation_steps=1``).
+Bad input raises :class:`~spokes_lightning.errors.UserError`; one that nobody catches ends a script
+with one line on stderr and exit code 2 (:func:`~spokes_lightning.errors.exit_on_uncaught_user_error`).
 
 :class:`OnlineTrainerDataset` yields single sequences (``input_ids``, ``labels`` = -100 on padding,
 ``attention_mask``) in global interleaved order, step by step: rank 0's ``local_batch`` sequences of
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -34,7 +46,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .. import distributed as D
-from ..errors import UserError
+from ..errors import UserError, exit_on_uncaught_user_error
+from .lightning import build_reselector
 from .plan import OnlinePlan
 from .reselect import OnlineReselector, decode_state, encode_state
 
@@ -43,6 +56,7 @@ _LIVE: dict[str, "OnlineReselectionTrainerCallback"] = {}  # restore_key -> the 
 
 class OnlineTrainerDataset(torch.utils.data.IterableDataset):
     def __init__(self, plan: OnlinePlan):
+        exit_on_uncaught_user_error()
         self.plan = plan
 
     def __iter__(self):
@@ -73,6 +87,7 @@ class OnlineReselectionTrainerCallback(TrainerCallback, ExportableState):
     """Every ``every_n_steps`` optimizer steps, plan the segment after the current one."""
 
     def __init__(self, reselector: OnlineReselector | None = None, tokenizer=None, restore_key: str | None = None):
+        exit_on_uncaught_user_error()
         if restore_key is not None:  # transformers' _load_callback_state rebuilds callbacks from their args:
             if restore_key not in _LIVE:  # share the state of the one the user built in this process
                 raise UserError("restoring OnlineReselectionTrainerCallback needs the callback built for this "
@@ -117,4 +132,47 @@ class OnlineReselectionTrainerCallback(TrainerCallback, ExportableState):
         self.reselector.reselect(model, self.tokenizer, int(state.global_step))
 
 
-__all__: Any = ("OnlineTrainerDataset", "OnlineReselectionTrainerCallback")
+class OnlineTrainerSelection:
+    """Online reselection for a stock ``transformers.Trainer``, built in one call (see the module doc).
+
+    Arguments are those of :func:`~spokes_lightning.online.lightning.build_reselector` (``documents``:
+    paths, ``(id, text)`` pairs or dicts; ``mode``: online / random / static; ``**rule``: ``alpha``,
+    ``quality``, ``static_ids``, ``fallback``, ``rounds``, ``sketch``). Attributes: ``reselector``,
+    ``plan``, ``train_dataset`` and ``callback`` (pass both to the ``Trainer``), ``tokenizer``.
+    """
+
+    def __init__(self, documents, tokenizer, *, total_steps: int, every_n_steps: int, window: int,
+                 global_batch: int, seq_length: int, seed: int = 0, mode: str = "online",
+                 text_field: str = "text", **rule: Any):
+        exit_on_uncaught_user_error()
+        self.tokenizer = tokenizer
+        self.reselector = build_reselector(documents, tokenizer, total_steps=total_steps,
+                                           every_n_steps=every_n_steps, window=window, global_batch=global_batch,
+                                           seq_length=seq_length, seed=seed, mode=mode, text_field=text_field,
+                                           **rule)
+        self.reselector.plan_initial()
+        self.train_dataset = OnlineTrainerDataset(self.reselector.plan)
+        self.callback = OnlineReselectionTrainerCallback(self.reselector, tokenizer)
+
+    @property
+    def plan(self) -> OnlinePlan:
+        return self.reselector.plan
+
+    def training_arguments(self, world_size: int | None = None) -> dict[str, int]:
+        """``max_steps``, ``per_device_train_batch_size`` and ``gradient_accumulation_steps`` for
+        ``TrainingArguments``. ``world_size`` defaults to the launcher's (``torch.distributed`` when
+        initialised, else ``$WORLD_SIZE`` as set by torchrun / accelerate launch, else 1)."""
+        world = world_size
+        if world is None:
+            _, live = D.world()
+            world = live if live > 1 else os.environ.get("WORLD_SIZE", "1")
+        world = int(world)
+        plan = self.plan
+        if world < 1 or plan.global_batch % world:
+            raise UserError(f"the online plan's global batch {plan.global_batch} does not split over {world} processes")
+        return {"max_steps": plan.total_steps, "per_device_train_batch_size": plan.global_batch // world,
+                "gradient_accumulation_steps": 1}
+
+
+__all__: Any = ("OnlineTrainerDataset", "OnlineReselectionTrainerCallback", "OnlineTrainerSelection",
+                "build_reselector")

@@ -42,7 +42,8 @@ def rounding_curves(features, spokes_params: dict, seed: int, fractions=(0.05, 0
 
 
 def representation_table(features, embeddings, spokes_indices, spokes_params: dict, seed: int, random_seeds: int = 5):
-    """Rows {representation, random (mean of seeds), spokes}: each subset scored in its own space.
+    """Rows {representation, dim (its dimension), k, random (mean of seeds), spokes}: each subset scored
+    in its own space.
 
     On gradients the SPOKES subset is the run's own ``spokes`` selection; on embeddings SPOKES
     runs again with the same settings and budget.
@@ -57,7 +58,8 @@ def representation_table(features, embeddings, spokes_indices, spokes_params: di
                               for _ in range(random_seeds)]))
         chosen = spokes_indices if name == "gradients" else run_spokes(
             rep, k=k, seed=seed, log=_quiet, drop_zero_rows=True, **params).indices
-        out.append({"representation": name, "k": int(k), "random": rand, "spokes": vendi_score(rep[np.sort(chosen)])})
+        out.append({"representation": name, "dim": int(rep.shape[1]), "k": int(k), "random": rand,
+                    "spokes": vendi_score(rep[np.sort(chosen)])})
     return out
 
 

@@ -139,6 +139,8 @@ class OnlineStage(Stage):
     needs = ("corpus", "tokenizer", "features", "select")
 
     def settings(self, cfg):
+        if cfg.get("online") is None or not cfg.online.enabled:
+            return {"enabled": False}  # off: its other settings change nothing (nor re-run the report)
         return {"online": cfg.online, "pretrain": cfg.pretrain, "evaluate": cfg.evaluate, "seed": cfg.seed}
 
     def handed_on(self, outputs):

@@ -55,21 +55,44 @@ def check_run_dir(run_dir) -> None:
 
 
 def check_method_specs(specs: dict, methods, plugins=()) -> None:
-    """Every method spec names a known selector with declared, valid parameters."""
+    """Every method of ``methods`` has a spec (its own, or ``{selector: name}`` for a selector's
+    name, see :func:`.select_stage.resolve_method_specs`) naming a known selector with declared,
+    valid parameters."""
     from ..selection.driver import check_spec
-    from ..selectors import load_plugins
+    from .select_stage import resolve_method_specs
 
-    load_plugins(plugins)
-    for m in methods:
-        if m not in specs:
-            raise UserError(f"unknown method '{m}' in selection.methods; known: {', '.join(sorted(specs))}")
-        check_spec(m, dict(specs[m]))
+    for m, spec in resolve_method_specs(specs, methods, plugins).items():
+        check_spec(m, spec)
+
+
+def check_alpha_settings(cfg) -> None:
+    """selection.alpha / alpha_sweep / alpha_grid, so that the select stage cannot fail on them
+    after the corpus, proxy and features stages have run."""
+    from .select_stage import spokes_method
+
+    sel = cfg.selection
+    alpha = sel.alpha
+    if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                            or not 0 <= float(alpha) <= 1):
+        raise UserError(f"selection.alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
+    if not isinstance(sel.alpha_sweep, bool):
+        raise UserError(f"selection.alpha_sweep must be true or false, got {sel.alpha_sweep!r}")
+    grid = to_plain(sel.alpha_grid)
+    if not isinstance(grid, list) or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1 for a in grid):
+        raise UserError(f"selection.alpha_grid must be a list of numbers in [0, 1], got {grid!r}")
+    if spokes_method(cfg) is None:
+        return  # alpha=auto and the sweep do not apply (the select stage says so in a note)
+    if (alpha == "auto" or sel.alpha_sweep) and not any(0 < a < 1 for a in grid):
+        raise UserError("the alpha sweep (selection.alpha=auto or selection.alpha_sweep=true) needs a value "
+                        f"strictly between 0 and 1 in selection.alpha_grid, got {grid}")
 
 
 def check_config(cfg) -> None:
     check_run_dir(cfg.run_dir)
-    check_method_specs(to_plain(cfg.selection.specs), cfg.selection.methods,
-                       to_plain(cfg.selection.get("plugins")) or [])
+    from .select_stage import selection_plugins
+
+    check_method_specs(to_plain(cfg.selection.specs), cfg.selection.methods, selection_plugins(cfg))
     if cfg.stages is not None:
         known = known_stages()
         for s in cfg.stages:
@@ -99,9 +122,7 @@ def check_config(cfg) -> None:
         check_task_names(list(cfg.evaluate.tasks))
     if cfg.get("online") is not None and cfg.online.enabled:
         check_online(cfg)
-    alpha = cfg.selection.alpha
-    if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0 <= float(alpha) <= 1):
-        raise UserError(f"selection.alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
+    check_alpha_settings(cfg)
     data = cfg.data
     document_limit(data.get("limit"), "data.limit")
     document_limit(cfg.evaluate.get("limit"), "evaluate.limit")

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ..atomic import write_json_atomic, write_text_atomic
-from ..evaluation.tasks import TASK_LABELS
 from ..features.store import open_feature_store
 from ..selection.artifact import read_selection
 from ..vendi import batch_vendi_score, vendi_score
@@ -81,33 +79,6 @@ def table2(ctx: RunContext, summary: dict, tasks: list[str]) -> str:
                            val_losses=losses or None)
 
 
-def shots_markdown(ctx: RunContext, tasks: list[str]) -> str:
-    """Which fixed solved examples preceded every item (OLMES: 5 per task), by item id."""
-    from ..evaluation.tasks import shots_for
-
-    k = ctx.cfg.evaluate.get("num_fewshot")
-    if k is None:
-        head = "0-shot for every task except MMLU (5 shots: the first 5 `dev` rows of the item's own subject)."
-    else:
-        head = (f"{int(k)} fixed shots per task (OLMES): the first {int(k)} rows of each task's `val` split "
-                "(left out when `val` is evaluated); MMLU: the first rows of the item's own subject in `dev`.")
-    lines = [head + "\n"]
-    if k:
-        for t in tasks:
-            ids = [s.id for s in shots_for(t, k)]
-            lines.append(f"- {TASK_LABELS.get(t, t)}: " + (", ".join(f"`{i}`" for i in ids) if t != "mmlu"
-                                                        else f"{len(ids)} dev rows ({int(k)} per subject)"))
-    return "\n".join(lines) + "\n"
-
-
-def paper_reference() -> str:
-    ref = json.loads((Path(__file__).with_name("paper_table2.json")).read_text())
-    head = "| Published (paper Table 2) | " + " | ".join(TASK_LABELS[t] for t in ref["tasks"]) + " | Avg |\n"
-    head += "|---" * (len(ref["tasks"]) + 2) + "|\n"
-    return head + "".join(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) + " |\n"
-                          for name, vals in ref["rows"].items())
-
-
 def source_mix(counts: dict[str, int], top: int = SOURCE_MIX_TOP) -> str:
     """``"c4 50%, fineweb 30%, dolma 15%, other (4 sources) 5%"``: the largest ``top`` sources, then the rest."""
     total = max(1, sum(counts.values()))
@@ -175,9 +146,10 @@ def representation_markdown(summary) -> str:
     if not rows:
         return ""
     head = ("\n### Representations (paper Fig. 4)\n\nSPOKES run on each representation at the spokes budget "
-            f"(k = {rows[0]['k']}), each subset scored in its own space; random is the mean of 5 seeds.\n\n"
-            "| representation | random | SPOKES | ratio |\n|---|---|---|---|\n")
-    return head + "".join(f"| {r['representation']} | {r['random']:.1f} | {r['spokes']:.1f} | "
+            f"(k = {rows[0]['k']}), each subset scored in its own space (Vendi scores of spaces of different "
+            "dimension are not on one scale: compare within a row); random is the mean of 5 seeds.\n\n"
+            "| representation | dimension | random | SPOKES | ratio |\n|---|---|---|---|---|\n")
+    return head + "".join(f"| {r['representation']} | {r.get('dim', '?')} | {r['random']:.1f} | {r['spokes']:.1f} | "
                           f"{r['spokes'] / r['random']:.2f}x |\n" for r in rows)
 
 
@@ -288,7 +260,7 @@ def fig5_markdown(result: dict | None, paper: dict) -> str:
 class ReportStage(Stage):
     name = "report"
     volatile = ("summary.json",)  # stage_seconds
-    needs = ("corpus", "tokenizer", "features", "select", "export", "pretrain", "evaluate")
+    needs = ("corpus", "tokenizer", "features", "select", "export", "pretrain", "evaluate", "online")
 
     def settings(self, cfg):
         return {"report": cfg.report, "wandb": cfg.wandb}
@@ -367,6 +339,8 @@ class ReportStage(Stage):
 
     def markdown(self, ctx, summary, figures) -> str:
         from ..evaluation import OLMES_DEPARTURES
+        from .report_online import online_markdown
+        from .report_tables import departures_markdown, paper_reference, shots_markdown
 
         cfg = ctx.cfg
         tasks = list(cfg.evaluate.tasks)
@@ -377,13 +351,14 @@ class ReportStage(Stage):
         paper = paper_figures()
         parts = [f"# spokes-lightning report: recipe `{summary['recipe']}`\n",
                  f"Pool: {summary['n_documents']} selectable documents ({sel['n_unselectable']} without features, "
-                 f"counted not selected); budget {cfg.selection.budget} ({cfg.selection.budget_unit}); "
-                 f"alpha for spokes_quality = {sel['alpha']:g}"
-                 f"{' (auto, paper section 3.2)' if cfg.selection.alpha == 'auto' else ''}.\n",
+                 f"counted not selected); budget {cfg.selection.budget} ({cfg.selection.budget_unit}); ",
+                 (f"alpha for spokes_quality = {sel['alpha']:g}"  # None: no SPOKES method, no alpha chosen
+                  f"{' (auto, paper section 3.2)' if cfg.selection.alpha == 'auto' else ''}.\n"
+                  if sel.get("alpha") is not None else "no SPOKES method, so no alpha.\n"),
                  corpus_line(ctx.output("corpus")),
                  "\n## Downstream accuracy (paper Table 2 layout)\n\n",
                  table2(ctx, summary, tasks),
-                 "\nShots: ", shots_markdown(ctx, tasks),
+                 "\nShots: ", shots_markdown(cfg.evaluate.get("num_fewshot"), tasks),
                  "\nScale note: these are tiny local models trained on the demo pool; compare methods with each "
                  "other, not with the published 1B/100B-token numbers below.\n\n", paper_reference(),
                  "\n## Selections\n\nG-Vendi is on the gradient features SPOKES optimized; the independent column "
@@ -399,8 +374,11 @@ class ReportStage(Stage):
                  f"{cfg.evaluate.decontamination_ngram}-gram with any evaluation item)\n\n| Method | contaminated | of |\n|---|---|---|\n",
                  "".join(f"| {m} | {contamination[m]['n_contaminated']} | {contamination[m]['n_documents']} |\n"
                          for m in ordered_methods(cfg, contamination)),
-                 "\n## Departures from OLMES\n\n", "".join(f"- {d}\n" for d in OLMES_DEPARTURES),
-                 "\n## Figures\n\n", "".join(f"![{k}]({v})\n\n" for k, v in figures.items()),
+                 online_markdown(ctx.results.get("online"), ctx.run_dir, cfg.get("online")),
+                 "\n## Departures from OLMES\n\n", departures_markdown(
+                     OLMES_DEPARTURES, summary.get("table2", {}).get("n_items"), str(cfg.evaluate.split),
+                     None if cfg.evaluate.limit is None else int(cfg.evaluate.limit)),
+                 "\n## Figures\n\n", plots.figures_markdown(figures),
                  "\n## Stage wall times\n\nIn `summary.json` (`stage_seconds`), not here: this file is the same, "
                  "byte for byte, whether a run went through at once or was resumed.\n"]
         return "".join(parts)

@@ -147,3 +147,60 @@ def val_loss_markdown(per_method_losses: dict, level: float = LEVEL) -> str:
     note = (f"Interval: Student-t {pct}% interval of the mean over pretraining seeds; a method with one seed "
             "has no interval, so its differences from others cannot be judged from this table.")
     return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+# --------------------------------------------------------------------------- notes under Table 2
+
+
+def shots_markdown(num_fewshot, tasks: list[str]) -> str:
+    """Which fixed solved examples preceded every item (OLMES: 5 per task), by item id."""
+    from ..evaluation.tasks import shots_for
+
+    k = num_fewshot
+    if k is None:
+        head = "0-shot for every task except MMLU (5 shots: the first 5 `dev` rows of the item's own subject)."
+    else:
+        head = (f"{int(k)} fixed shots per task (OLMES): the first {int(k)} rows of each task's `val` split "
+                "(left out when `val` is evaluated); MMLU: the first rows of the item's own subject in `dev`.")
+    lines = [head + "\n"]
+    if k:
+        for t in tasks:
+            ids = [s.id for s in shots_for(t, k)]
+            lines.append(f"- {TASK_LABELS.get(t, t)}: " + (", ".join(f"`{i}`" for i in ids) if t != "mmlu"
+                                                        else f"{len(ids)} dev rows ({int(k)} per subject)"))
+    return "\n".join(lines) + "\n"
+
+
+def paper_reference() -> str:
+    """The published Table 2 (``paper_table2.json``) as a markdown table."""
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(__file__).with_name("paper_table2.json")).read_text())
+    head = "| Published (paper Table 2) | " + " | ".join(TASK_LABELS[t] for t in ref["tasks"]) + " | Avg |\n"
+    head += "|---" * (len(ref["tasks"]) + 2) + "|\n"
+    return head + "".join(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) + " |\n"
+                          for name, vals in ref["rows"].items())
+
+
+def departures_markdown(departures: list[str], n_items: dict[str, int] | None, split: str,
+                        limit: int | None) -> str:
+    """The departures from OLMES as a list, with this run's item counts: ``n_items`` (task -> items
+    scored, from the evaluate stage's item files, as in Table 2; None: nothing evaluated) in the items
+    line and the MMLU line, in place of the shipped files' counts (which the items line keeps, as such)."""
+    import re
+
+    if n_items:
+        how = f"split `{split}`" + (f"; `evaluate.limit` = {limit} keeps the first {limit} items of each task"
+                                    if limit is not None else "; every shipped item")
+        run_items = f"Items in this run: {_counts_phrase(list(n_items.values()), 'items per task')} ({how})."
+    else:
+        run_items = "Items in this run: none evaluated (no evaluate stage, no tasks, or no trained models)."
+    out = []
+    for d in departures:
+        if d.startswith("Items:"):
+            d = f"{run_items} Shipped files: {d[len('Items:'):].strip()}"
+        elif d.startswith("MMLU is scored as one task") and n_items and "mmlu" in n_items:
+            d = re.sub(r"over \d+ items", f"over {n_items['mmlu']} items", d)
+        out.append(f"- {d}\n")
+    return "".join(out)

@@ -115,15 +115,56 @@ def ordered_methods(cfg, methods) -> list[str]:
     return [m for m in configured if m in methods] + sorted(m for m in methods if m not in configured)
 
 
-def method_specs(cfg) -> dict[str, dict]:
-    """``{method: spec}`` for selection.methods, in that order (an unknown name is one line)."""
-    specs = to_plain(cfg.selection.specs)
+def selection_plugins(cfg) -> list[str]:
+    """``selection.plugins``: a list of selector files or modules (one line for anything else)."""
+    plugins = to_plain(cfg.selection.get("plugins"))
+    if plugins is None:
+        return []
+    if not isinstance(plugins, list):
+        raise UserError(f"selection.plugins must be a list of selector files or modules, "
+                        f"e.g. selection.plugins=[my_selector.py], got {plugins!r}")
+    return [str(p) for p in plugins]
+
+
+def resolve_method_specs(specs: dict | None, methods, plugins=()) -> dict[str, dict]:
+    """``{method: spec}`` for ``methods``, in that order, after loading ``plugins``.
+
+    A method with an entry in ``specs`` uses it; a method without one that names a registered
+    selector (built in, installed, or from ``plugins``) runs that selector with its defaults,
+    ``{selector: name}``. Any other name is one line."""
+    from ..selectors import available_methods
+
+    load_plugins(plugins)
+    specs = specs or {}
     out = {}
-    for method in cfg.selection.methods:
-        if method not in specs:
-            raise UserError(f"unknown method '{method}' in selection.methods; known: {', '.join(sorted(specs))}")
-        out[str(method)] = dict(specs[method])
+    for method in methods:
+        method = str(method)
+        if method in specs:
+            spec = specs[method]
+            if not isinstance(spec, dict):
+                raise UserError(f"selection.specs.{method} must be a mapping such as {{selector: NAME}}, got {spec!r}")
+            out[method] = dict(spec)
+        elif method in available_methods():
+            out[method] = {"selector": method}
+        else:
+            raise UserError(f"unknown method '{method}' in selection.methods: no selection.specs.{method} and no "
+                            f"selector of that name (load a plugin's file with selection.plugins=[FILE]); "
+                            f"specs: {', '.join(sorted(specs))}; selectors: {', '.join(available_methods())}")
     return out
+
+
+def method_specs(cfg) -> dict[str, dict]:
+    """``{method: spec}`` for selection.methods, in that order (see :func:`resolve_method_specs`)."""
+    return resolve_method_specs(to_plain(cfg.selection.specs), cfg.selection.methods, selection_plugins(cfg))
+
+
+def alpha_unused(cfg) -> list[str]:
+    """The run-wide alpha settings that have nothing to act on: ``selection.alpha=auto`` and
+    ``selection.alpha_sweep`` when no method of selection.methods uses the SPOKES selector."""
+    sel = cfg.selection
+    on = [name for name, value in (("selection.alpha=auto", sel.alpha == "auto"),
+                                   ("selection.alpha_sweep", bool(sel.alpha_sweep))) if value]
+    return on if on and spokes_method(cfg) is None else []
 
 
 def spokes_method(cfg) -> tuple[str, dict] | None:
@@ -155,19 +196,21 @@ class SelectStage(Stage):
         cfg = ctx.cfg
         sel = cfg.selection
         seed = int(cfg.seed)
-        load_plugins(to_plain(sel.get("plugins")) or [])
-        specs = method_specs(cfg)
+        specs = method_specs(cfg)  # loads selection.plugins
         pool = selection_pool(ctx)
         budget = Budget.resolve(str(sel.budget), str(sel.budget_unit), pool)
         grid = [float(a) for a in sel.alpha_grid]
         sweep = None
-        if sel.alpha == "auto" or sel.alpha_sweep:
-            spokes = spokes_method(cfg)
-            if spokes is None:
-                raise UserError("selection.alpha=auto and selection.alpha_sweep need a SPOKES method in selection.methods")
-            sweep = alpha_sweep(pool, spokes[1], budget.k, seed, grid, log=log)
+        unused = alpha_unused(cfg)
+        if unused:  # e.g. dataset=demo (alpha: auto) with method=random: nothing to tune, nothing to sweep
+            log(f"note: {' and '.join(unused)} unused: no SPOKES method in selection.methods ({', '.join(specs)})")
+        elif sel.alpha == "auto" or sel.alpha_sweep:
+            sweep = alpha_sweep(pool, spokes_method(cfg)[1], budget.k, seed, grid, log=log)
             write_json_atomic(ctx.path("select", "alpha_sweep.json"), sweep)
-        alpha = sweep["auto_alpha"] if sel.alpha == "auto" else float(sel.alpha)
+        if sel.alpha == "auto":
+            alpha = sweep["auto_alpha"] if sweep else None  # None: no SPOKES method, so no alpha chosen
+        else:
+            alpha = float(sel.alpha)
         records: dict = {}
         written = select_methods(pool, specs, str(sel.budget), str(sel.budget_unit), seed, ctx.run_dir / "selections",
                                  fixed={"alpha": alpha, "alpha_grid": grid}, records=records, log=log)

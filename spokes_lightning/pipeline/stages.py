@@ -11,8 +11,9 @@ from .stage import RunContext, log, run_pipeline
 from .train_stages import EvaluateStage, ExportStage, PretrainStage
 
 STAGES = [CorpusStage(), TokenizerStage(), ProxyStage(), FeaturesStage(), SelectStage(), ExportStage(),
-          PretrainStage(), EvaluateStage(), ReportStage(),
-          OnlineStage()]
+          PretrainStage(), EvaluateStage(),
+          OnlineStage(),  # before the report: its comparison is a section of report.md when it ran
+          ReportStage()]
 #: the stage names, in order: what ``stages=[...]`` may list (checked by preflight)
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
