@@ -101,11 +101,26 @@ def test_rows_do_not_depend_on_batch_mates(proxy_dir, docs, projection):
 
 def test_skipped_documents_are_recorded(proxy_dir):
     m = make(proxy_dir)
+    class Eos:  # the same tokenizer, with or without an EOS token
+        def __init__(self, inner, eos):
+            self.inner, self.eos_token_id = inner, eos
+
+        def __call__(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    raw = m.tokenizer
+    assert len(raw("a")["input_ids"]) == 1
+    m.tokenizer = Eos(raw, 1)
     out = m.rows_for(["e", "one", "ok"], ["", "a", "data model gradient token layer"])
-    assert out["ids"] == ["ok"] and out["rows"].shape == (1, 64)
-    assert out["skipped"]["e"] == "empty text" and "fewer than 2 tokens" in out["skipped"]["one"]
+    # a one-token document predicts EOS, as it would in pretraining: it gets a row of its own
+    assert out["ids"] == ["one", "ok"] and out["rows"].shape == (2, 64) and out["skipped"] == {"e": "empty text"}
+    assert torch.isfinite(out["rows"]).all() and out["rows"][0].abs().sum() > 0
     none = m.rows_for(["e"], ["   "])
     assert none["rows"] is None and none["skipped"] == {"e": "empty text"}
+
+    m.tokenizer = Eos(raw, None)  # no EOS: a one-token document has no target and is reported
+    out = m.rows_for(["one", "ok"], ["a", "data model gradient token layer"])
+    assert out["ids"] == ["ok"] and "fewer than 2 tokens (1)" in out["skipped"]["one"]
 
 
 def test_seed_determines_rows(proxy_dir, docs):

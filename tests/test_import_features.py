@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from spokes_lightning.selection.artifact import read_selection
 from spokes_lightning.errors import UserError
 from spokes_lightning.data.id_arrays import encode_ids, first_duplicate
 from spokes_lightning.features.store import FeatureStoreWriter, open_feature_store, write_column_slice
@@ -312,7 +313,7 @@ def test_pipeline_selects_from_imported_stores_without_a_proxy(corpus_run, corpu
     assert select["n_pool"] == len(pool_ids) - len(missing)
     assert sorted(select["methods"]) == ["random", "spokes"]
     for info in select["methods"].values():
-        chosen = json.loads((run_dir / info["selection"] / "ids.json").read_text())
+        chosen = read_selection(run_dir / info["selection"]).ids
         assert len(chosen) == info["n_selected"] == int(0.5 * select["n_pool"])
         assert set(chosen) <= set(pool_ids) - missing  # neither extra ids nor documents without features
     report = (run_dir / "report.md").read_text()

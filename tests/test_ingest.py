@@ -214,6 +214,29 @@ def test_report_counts_skipped_records(tmp_path):
     assert "x.jsonl line 10: invalid JSON" in line
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_empty_texts_never_enter_the_pool_and_are_counted(tmp_path, seed):
+    """Every per-document file of a run is aligned to the pool: an empty text, which no feature,
+    length or embedding can describe, is left out at ingest (and counted), not skipped later."""
+    from spokes_lightning.pipeline.report_stage import corpus_line
+
+    rng = random.Random(seed)
+    recs = _records(300, seed, "s", "d")
+    empty = sorted(rng.sample(range(300), 17))
+    for i, j in enumerate(empty):
+        recs[j]["text"] = ["", "   ", "\n\t", None][i % 4]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = ingest(IngestSettings(paths=(str(path),), validation_documents=10, seed=seed), tmp_path / "out")
+    pool = ds.DocumentStore(tmp_path / "out" / "pool")
+    assert summary["empty_texts"] == 17 and summary["n_read"] == 300 - 17
+    assert summary["n_pool"] + summary["n_validation"] == 283 == len(pool) + 10
+    assert all(d.text.strip() for d in pool)
+    gone = {recs[j]["id"] for j in empty}
+    assert not gone & {d.id for d in pool}
+    assert "17 empty text(s) left out" in corpus_line(summary)
+
+
 def test_training_sample_is_a_seeded_subset_in_pool_order(tmp_path):
     from spokes_lightning.pipeline.data_stages import training_sample
 

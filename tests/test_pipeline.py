@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 
+from spokes_lightning.selection.artifact import read_selection
 import pytest
 
 TINY = [
@@ -44,7 +45,8 @@ def test_summary_contract(demo_run):
     assert s["recipe"] == "demo_peers" and s["n_documents"] > 100
     assert s["batch_gvendi"] == {"batch_size": 16, "batches": 3}
     stages = ["corpus", "tokenizer", "proxy", "features", "select", "export", "pretrain", "evaluate", "report"]
-    assert sorted(s["stage_seconds"]) == sorted(stages)  # every stage, the report's own included
+    # every stage, the report's own included; online (off here) runs before the report, in no time
+    assert sorted(s["stage_seconds"]) == sorted(stages + ["online"])
     assert all(s["stage_seconds"][stage] > 0 for stage in stages)
     assert sum(s["stage_seconds"].values()) < wall  # measured inside the run: less than its wall time
     marker = json.loads((run_dir / "stages" / "proxy.json").read_text())
@@ -100,6 +102,34 @@ def test_report_and_figures(demo_run):
     assert list((run_dir / "wandb").rglob("*.wandb")), "wandb offline runs missing"
 
 
+def test_per_document_files_share_the_pools_ids(demo_run, tmp_path):
+    """F, Q and L of a run (gradient features, quality, token lengths) and the embeddings hold the
+    pool's documents in the pool's order, so the CLI can take them by row as they are."""
+    import numpy as np
+
+    from spokes_lightning.data.document_store import DocumentStore
+    from spokes_lightning.data.id_arrays import decode_ids
+    from spokes_lightning.features.store import open_feature_store
+
+    run_dir, _, _ = demo_run
+    pool_ids = [d.id for d in DocumentStore(run_dir / "corpus" / "pool")]
+    corpus = json.loads((run_dir / "stages" / "corpus.json").read_text())["outputs"]
+    assert "empty_texts" in corpus and corpus["n_pool"] == len(pool_ids)
+    assert len(np.load(run_dir / "corpus" / "lengths.npy")) == len(pool_ids)
+    assert len(np.load(run_dir / "features" / "quality.npy")) == len(pool_ids)
+    assert decode_ids(np.load(run_dir / "features" / "quality_ids.npy")) == pool_ids
+    for family in ("gradients", "embeddings"):
+        store = open_feature_store(run_dir / "features" / family)
+        assert store.ids == pool_ids and not store.skipped, family
+    out = tmp_path / "sel.npy"
+    r = subprocess.run([sys.executable, "-m", "spokes_lightning", "select", "--method", "spokes",
+                        "--features", run_dir / "features" / "gradients" / "features.npy",
+                        "--quality", run_dir / "features" / "quality.npy", "--lengths", run_dir / "corpus" / "lengths.npy",
+                        "--budget", "0.25", "--out", out], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["n"] == len(pool_ids) and len(np.load(out)) == len(pool_ids) // 4
+
+
 def test_rerun_is_cached(demo_run):
     run_dir, _, first = demo_run
     t = time.perf_counter()
@@ -140,7 +170,7 @@ def test_online_comparison_stage(demo_run):
     online = json.loads((run_dir / "online" / "online" / "result.json").read_text())
     assert [s["rule"] for s in online["segments"]] == ["random"] * 2 + ["online"] * (steps // 4 - 2)
     static = json.loads((run_dir / "online" / "static" / "result.json").read_text())
-    chosen = set(json.loads((run_dir / "selections" / "spokes" / "ids.json").read_text()))
+    chosen = set(read_selection(run_dir / "selections" / "spokes").ids)
     assert set(static["trained_on"]) <= chosen  # the static arm trains only on the static selection
     table = (run_dir / "online" / "comparison.md").read_text()
     assert table.count("\n") == 5 and "| online |" in table

@@ -55,7 +55,8 @@ def overrides(tmp: Path, paths: list[str], run_dir: Path) -> list[str]:
 
 def digests(run_dir: Path) -> dict[str, str]:
     wanted = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and (
-        p.parts[-2] in ("pool", "validation") or p.name in ("indices.npy", "ids.json", "lengths.npy")
+        p.parts[-2] in ("pool", "validation") or p.name in ("indices.npy", "lengths.npy")
+        or (p.name == "ids.npy" and "selections" in p.parts)
         or p.suffix in (".bin", ".idx", ".parquet") or p.name.endswith(".jsonl.gz"))]
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in wanted}
 

@@ -56,7 +56,15 @@ def test_rewrite_without_scores_removes_old_scores(tmp_path):
     path = write_selection(tmp_path, "m", SelectionResult(indices=np.array([0])), ids, {}, 0, {})
     sel = read_selection(path)
     assert sel.scores is None and sel.ids == ["a"]
-    assert json.loads((path / "ids.json").read_text()) == ["a"]
+    assert np.load(path / "ids.npy").tolist() == [b"a"] and not (path / "ids.json").exists()
+
+
+def test_selections_of_older_versions_with_ids_json_still_read(tmp_path):
+    path = write_selection(tmp_path, "m", _result(), ["a", "b", "c", "d"], {}, 0, {})
+    ids = read_selection(path).ids
+    (path / "ids.npy").unlink()
+    (path / "ids.json").write_text(json.dumps(ids))
+    assert read_selection(path).ids == ids
 
 
 def test_bad_indices_are_refused(tmp_path):

@@ -80,6 +80,19 @@ def _source_mark(source: str) -> dict:
 
 
 def _documents(task: _Task, stats: ReadStats):
+    """(line number, document) of one input, without the empty (whitespace-only) texts.
+
+    An empty text has no tokens, so no gradient, embedding or length to select it by: it never
+    enters the pool, and every per-document file of a run (lengths, quality, features) holds the
+    same ids in the same order. They are counted (``stats.empty_texts``, the corpus summary)."""
+    for number, doc in _all_documents(task, stats):
+        if doc.text.strip():
+            yield number, doc
+        elif task.source == "hub":  # a file's reader counts them already
+            stats.empty_texts += 1
+
+
+def _all_documents(task: _Task, stats: ReadStats):
     s = task.settings
     per_file_limit = None if s.interleave_by else s.limit  # no file gives more than the limit
     if task.source == "hub":
@@ -336,6 +349,7 @@ def ingest(settings: IngestSettings, out_dir: str | Path, workers: int = 1) -> d
         "skipped_examples": [e for s in stats for e in s["skipped_examples"]][:10],
         "replaced_bytes": sum(s["replaced_bytes"] for s in stats),
         "derived_ids": sum(s["derived_ids"] for s in stats), "inputs": len(sources),
+        "empty_texts": sum(s.get("empty_texts", 0) for s in stats),
     }
     if rank == 0:
         for name in ("pool", "validation"):

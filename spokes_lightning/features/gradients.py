@@ -26,8 +26,10 @@ gradients to each row, ``[seed | extra seed 1 | ...]``, at the cost of the proje
 the forward + backward is shared (the pipeline uses this for the report's independent G-Vendi).
 
 A batch's loss is the SUM of per-document mean losses and padding is on the right and masked,
-so a document's row does not depend on its batch mates. Documents that are empty or shorter than
-two tokens are reported in ``skipped``, never dropped silently. Layers before the selected blocks
+so a document's row does not depend on its batch mates. A one-token document is followed by
+EOS, its only target (pretraining puts EOS after every document), so every document with text
+gets a row; an empty one, or a one-token one under a tokenizer without EOS, is reported in
+``skipped``, never dropped silently (the pipeline's pool holds no empty texts). Layers before the selected blocks
 run under ``torch.no_grad`` (grad is switched on by a pre-hook on the first selected block), so
 they get no gradient and keep no activations; for tied models the input-embedding lookup
 therefore contributes nothing to the head's gradient.
@@ -219,7 +221,10 @@ class ProxyGradientModule(L.LightningModule):
             if not text or not text.strip():
                 skipped[doc_id] = "empty text"
                 continue
-            toks = self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+            toks = list(self.tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"])
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            if len(toks) == 1 and eos is not None:  # one token: its target is the end of the document,
+                toks.append(int(eos))                # as in pretraining, where EOS follows every document
             if len(toks) < 2:
                 skipped[doc_id] = f"fewer than 2 tokens ({len(toks)})"
                 continue

@@ -84,6 +84,8 @@ class CorpusStage(Stage):
     def outdated(self, cfg, run_dir, outputs):
         if not (run_dir / outputs["pool"] / "index.json").exists():
             return "pool was written by an earlier version (one jsonl.gz file, not a document store)"
+        if "empty_texts" not in outputs:
+            return "pool was written by an earlier version (it kept empty texts)"
         return None
 
     def handed_on(self, outputs):
@@ -96,10 +98,11 @@ class CorpusStage(Stage):
 
         check_pool_budget(ctx.cfg, summary["n_pool"])
         ctx.documents.clear()  # later stages open the stores
-        skipped = summary["skipped_records"]
-        log(f"corpus: {summary['n_read']} documents read, {summary['n_validation']} held out for validation, "
+        skipped, empty = summary["skipped_records"], summary["empty_texts"]
+        log(f"corpus: {summary['n_read']} documents with text read, {summary['n_validation']} held out for validation, "
             f"{summary['n_pool']} in the pool" + (f"; {skipped} malformed record(s) skipped (data.on_error=skip), "
-                                                   f"e.g. {summary['skipped_examples'][0]}" if skipped else ""))
+                                                   f"e.g. {summary['skipped_examples'][0]}" if skipped else "")
+            + (f"; {empty} empty text(s) left out (nothing to select them by)" if empty else ""))
         return {"pool": "corpus/pool", "validation": "corpus/validation", **summary}
 
 

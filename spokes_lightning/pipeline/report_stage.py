@@ -123,6 +123,8 @@ def corpus_line(corpus: dict) -> str:
     if corpus.get("skipped_records"):
         line += (f"; {corpus['skipped_records']} malformed record(s) skipped (`data.on_error: skip`), "
                  f"e.g. {corpus['skipped_examples'][0]}")
+    if corpus.get("empty_texts"):
+        line += f"; {corpus['empty_texts']} empty text(s) left out (nothing to select them by)"
     return line + ".\n"
 
 

@@ -3,7 +3,8 @@
 Layout of ``<out_dir>/<method>/``::
 
     indices.npy       int64 row indices into the pool, in the selector's order (best first), unique
-    ids.json          the selected document ids, same order (a JSON list)
+    ids.npy           the selected document ids, same order (fixed-width UTF-8 bytes, dtype S<n>,
+                      as a feature store's ids.npy; selections of older versions hold ids.json)
     multiplicity.npy  int64 copies of each selected document (1 for most methods), same order
     weights.npy       per-selected-document weights (only if the selector gives any), same order
     scores.npy        per-pool-document scores (only if the selector gives any)
@@ -27,9 +28,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..atomic import save_npy_atomic, write_json_atomic
+from ..data.id_arrays import decode_ids, encode_ids
 from ..errors import UserError
 
 MANIFEST = "manifest.json"
+IDS, LEGACY_IDS = "ids.npy", "ids.json"
 _HASH_ROWS = 65_536
 
 
@@ -107,7 +110,8 @@ def write_selection(
     if stale.exists():
         stale.unlink()
     save_npy_atomic(target / "indices.npy", indices)
-    write_json_atomic(target / "ids.json", [ids[i] for i in indices])
+    save_npy_atomic(target / IDS, encode_ids(ids[i] for i in indices))
+    (target / LEGACY_IDS).unlink(missing_ok=True)
     save_npy_atomic(target / "multiplicity.npy", copies)
     for name, values in (("scores.npy", result.scores), ("weights.npy", weights)):
         if values is not None:
@@ -137,7 +141,10 @@ def read_selection(path: str | Path, corpus_ids: Iterable[str] | None = None) ->
         raise UserError(f"no finished selection at {path} (missing {MANIFEST})")
     manifest = json.loads((path / MANIFEST).read_text())
     indices = np.load(path / "indices.npy")
-    ids = json.loads((path / "ids.json").read_text())
+    if (path / IDS).exists():
+        ids = decode_ids(np.load(path / IDS))
+    else:  # written by an older version
+        ids = json.loads((path / LEGACY_IDS).read_text())
     if len(ids) != len(indices) or len(ids) != manifest.get("n_selected", len(ids)):
         raise UserError(f"selection at {path} is inconsistent: {len(ids)} ids, "
                         f"{len(indices)} indices, manifest says {manifest.get('n_selected')}")
