@@ -1,8 +1,9 @@
 """Benchmark: kronecker vs dense gradient features (throughput, SPOKES overlap, 1 vs 2 ranks).
 
 Proxy: LLaMA architecture, hidden 256, 4 layers, vocab 32,000, random init (throughput does not
-depend on training); documents: real web text (data/demo/web.jsonl.gz, else /work/shared/data/web)
-truncated to 256 tokens; gradients of the last 2 layers + the (tied) head, k = 1024.
+depend on training); documents: real web text (data/demo/web.jsonl.gz, or any jsonl[.gz] with a
+``text`` field given as ``--documents FILE``) truncated to 256 tokens; gradients of the last 2
+layers + the (tied) head, k = 1024.
 
 * docs/s of ``projection="kronecker"`` (one forward/backward per batch) vs ``"dense"`` (per-document
   backward, exact eq. 4 with every block of R generated once per batch).
@@ -60,9 +61,14 @@ QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, n
                   rope_theta=1e6, max_position_embeddings=40960)
 
 
-def web_documents(limit: int) -> list[tuple[str, str]]:
-    demo = ROOT / "data" / "demo" / "web.jsonl.gz"
-    paths = [demo] if demo.exists() else sorted(Path("/work/shared/data/web").glob("*.jsonl"))
+DEMO_WEB = ROOT / "data" / "demo" / "web.jsonl.gz"
+
+
+def web_documents(limit: int, documents: Path = DEMO_WEB) -> list[tuple[str, str]]:
+    if not documents.is_file():
+        sys.exit(f"bench_features: documents file not found: {documents} "
+                 "(pass --documents FILE, a jsonl or jsonl.gz with a `text` field per line)")
+    paths = [documents]
     docs = []
     for path in paths:
         opener = gzip.open if path.suffix == ".gz" else open
@@ -156,20 +162,21 @@ def spokes_top_half(features: np.ndarray) -> set[int]:
     return set(run_spokes(features.astype(np.float32), k=len(features) // 2, log=lambda m: None).indices.tolist())
 
 
-def extract_wall_time(proxy: Path, n_docs: int, devices: int) -> float:
+def extract_wall_time(proxy: Path, n_docs: int, devices: int, documents: Path = DEMO_WEB) -> float:
     with tempfile.TemporaryDirectory() as store:
-        cmd = [sys.executable, __file__, "--extract-worker", str(proxy), store, str(n_docs), str(devices)]
+        cmd = [sys.executable, __file__, "--extract-worker", str(proxy), store, str(n_docs), str(devices),
+               "--documents", str(documents)]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - start
 
 
-def extract_worker(proxy: str, store: str, n_docs: int, devices: int) -> None:
+def extract_worker(proxy: str, store: str, n_docs: int, devices: int, documents: Path = DEMO_WEB) -> None:
     from spokes_lightning.features.extract import extract_features
 
     torch.set_num_threads(1)
     module = ProxyGradientModule(proxy, n_layers=2, k=K, max_length=MAX_LEN)
-    extract_features(module, web_documents(n_docs), store, chunk_size=32, batch_size=16, devices=devices,
+    extract_features(module, web_documents(n_docs, documents), store, chunk_size=32, batch_size=16, devices=devices,
                      strategy="ddp" if devices > 1 else "auto", accelerator="cpu", progress=False)
 
 
@@ -287,11 +294,13 @@ def main() -> None:
     ap.add_argument("--proxy", choices=("llama", "qwen3-0.6b"), default="llama",
                     help="qwen3-0.6b: Qwen3-0.6B-shaped model, bf16 on CUDA, floor section only")
     ap.add_argument("--allow-cpu", action="store_true", help="let --proxy qwen3-0.6b run without CUDA")
+    ap.add_argument("--documents", type=Path, default=DEMO_WEB,
+                    help="jsonl or jsonl.gz file of documents with a `text` field (default: data/demo/web.jsonl.gz)")
     ap.add_argument("--extract-worker", nargs=4, metavar=("PROXY", "STORE", "N", "DEVICES"))
     args = ap.parse_args()
     if args.extract_worker:
         proxy, store, n, devices = args.extract_worker
-        return extract_worker(proxy, store, int(n), int(devices))
+        return extract_worker(proxy, store, int(n), int(devices), args.documents)
     sections = set(args.only or SECTIONS)
     device, dtype = "cpu", torch.float32
     if args.proxy == "qwen3-0.6b":
@@ -306,7 +315,8 @@ def main() -> None:
         ap.error("--floor-batch must be >= 1 and --floor-max-length >= 2")
     torch.set_num_threads(args.threads)
     # the proxy's tokenizer is trained on the same documents whichever sections run
-    docs = web_documents(max(args.n_throughput, args.n_overlap, args.n_extract, args.n_floor, args.floor_batch) + 1)
+    docs = web_documents(max(args.n_throughput, args.n_overlap, args.n_extract, args.n_floor, args.floor_batch) + 1,
+                         args.documents)
     with tempfile.TemporaryDirectory() as tmp:
         proxy = build_proxy(Path(tmp) / "proxy", docs, args.proxy, device, args.floor_max_length)
         if sections & {"throughput", "overlap"}:
@@ -336,8 +346,8 @@ def main() -> None:
                   f"dense(seed 0) vs dense(seed 1) {100 * ov_dd:.1f}%, gap {100 * (ov_dd - ov_kd):+.1f} points")
 
         if "extract" in sections and args.n_extract:  # 0 skips the 1-vs-2-rank part
-            t1 = extract_wall_time(proxy, args.n_extract, 1)
-            t2 = extract_wall_time(proxy, args.n_extract, 2)
+            t1 = extract_wall_time(proxy, args.n_extract, 1, args.documents)
+            t2 = extract_wall_time(proxy, args.n_extract, 2, args.documents)
             print(f"extract_features on {args.n_extract} docs (kronecker, process start-up included): "
                   f"1 rank {t1:.1f} s, 2 DDP ranks {t2:.1f} s, speed-up {t1 / t2:.2f}x")
 

@@ -9,7 +9,7 @@ Usage::
     docs = read_documents(["data/demo/web.jsonl.gz"])         # or [(id, text), ...]
     dm = SelectedDataModule(
         documents=docs,
-        selection="runs/demo/selection/spokes",               # artifact dir, or a list of ids
+        selection="runs/demo/selections/spokes",              # artifact dir, or a list of ids
         tokenizer=AutoTokenizer.from_pretrained("gpt2"),      # any fast tokenizer with an EOS
         seq_length=512, batch_size=8, seed=0,
     )
@@ -33,6 +33,11 @@ How documents become batches (each epoch, identically computed on every rank):
    slots are whole padding sequences (labels all -100). Real sequences are dealt round-robin
    over the batches, so a batch is all padding only if a rank has fewer real sequences than
    batches. No document is ever duplicated to even out the ranks.
+
+Resume: the plan of an epoch depends only on the selection, the tokenizer, ``seq_length``,
+``batch_size``, ``seed``, the world size and the epoch, and the loader is resumable in
+Lightning's sense (its ``state_dict`` goes into every checkpoint): a run resumed from any
+checkpoint, mid-epoch included, continues with the next batch of the same plan.
 
 ``labels`` equal ``input_ids`` except at padding (-100); the model shifts them (HF style).
 Each batch also carries ``doc_ids`` (per sequence, the ids it covers) and ``segments`` (per
@@ -115,6 +120,7 @@ class PackedSelectionDataset(IterableDataset):
         self.seq_length, self.batch_size = int(seq_length), int(batch_size)
         self.rank, self.world_size, self.seed, self.pad_id = rank, world_size, seed, int(pad_id)
         self.epoch = 0
+        self.skip = 0  # batches of this epoch already trained on (a resumed run starts after them)
 
     def batches_for_epoch(self, epoch: int) -> list[list[list[Segment]]]:
         plan = plan_epoch(self.lengths, self.world_size, self.seed, epoch, self.seq_length,
@@ -144,19 +150,35 @@ class PackedSelectionDataset(IterableDataset):
         worker = get_worker_info()
         step, offset = (worker.num_workers, worker.id) if worker else (1, 0)
         batches = self.batches_for_epoch(self.epoch)
-        for b in range(offset, len(batches), step):
+        for b in range(self.skip + offset, len(batches), step):
             yield self.collate(batches[b])
 
 
 class _EpochDataLoader(DataLoader):
-    """A DataLoader that tells its dataset the current epoch each time it is iterated."""
+    """A DataLoader that tells its dataset the current epoch each time it is iterated.
 
-    def __init__(self, dataset: PackedSelectionDataset, epoch_fn: Callable[[], int], **kwargs):
+    It is resumable in Lightning's sense (``state_dict`` / ``load_state_dict``, saved in every
+    checkpoint): the state is the epoch and the number of its batches already trained on
+    (``done_fn``), so a run resumed from a mid-epoch checkpoint continues with the next batch of
+    that epoch's plan instead of replaying the epoch from its first batch.
+    """
+
+    def __init__(self, dataset: PackedSelectionDataset, epoch_fn: Callable[[], int],
+                 done_fn: Callable[[], int] = lambda: 0, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
-        self.epoch_fn = epoch_fn
+        self.epoch_fn, self.done_fn = epoch_fn, done_fn
+        self._resume: tuple[int, int] | None = None  # (epoch, batches done), from a checkpoint
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.dataset.epoch), "batches_done": int(self.done_fn())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches_done"]))
 
     def __iter__(self):
         self.dataset.epoch = int(self.epoch_fn())
+        resume, self._resume = self._resume, None
+        self.dataset.skip = resume[1] if resume is not None and resume[0] == self.dataset.epoch else 0
         return super().__iter__()
 
 
@@ -267,6 +289,13 @@ class SelectedDataModule(LightningDataModule):
         epoch, self._manual_epoch = self._manual_epoch, self._manual_epoch + 1
         return epoch  # outside a Trainer every new iteration is the next epoch
 
+    def _batches_done(self) -> int:
+        """Batches of the current epoch the Trainer has trained on (what a checkpoint resumes after)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         rank, world_size = self._rank_world()
@@ -275,4 +304,4 @@ class SelectedDataModule(LightningDataModule):
             self.ids, self.tokens, self.seq_length, self.batch_size, rank, world_size, self.seed,
             self.tokenizer.eos_token_id if pad is None else pad,
         )
-        return _EpochDataLoader(dataset, self._current_epoch, num_workers=self.num_workers)
+        return _EpochDataLoader(dataset, self._current_epoch, self._batches_done, num_workers=self.num_workers)

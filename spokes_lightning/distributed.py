@@ -1,4 +1,4 @@
-"""Thin wrappers over ``torch.distributed`` for row-sharded SPOKES (math notes, "Sharding").
+"""Thin wrappers over ``torch.distributed`` for row-sharded SPOKES (docs/design.md, "Determinism").
 
 Each rank holds a contiguous block of rows, in rank order. Everything SPOKES needs across
 ranks is a sum (Gram in int64 fixed point, scalars in float64), a max, and a gather of the

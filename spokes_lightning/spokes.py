@@ -1,6 +1,8 @@
 """SPOKES: maximize alpha ln Q(w) + (1 - alpha) ln Vendi(K_w) over the simplex, then round to k rows.
 
-Paper section 3.1, eq. (5)-(7) and Algorithm 1; derivations in ../shared/notes/spokes_math.md.
+Paper: "Spokes: Optimizing for Diverse Pretraining Data Selection" (Lee, Choi, Zettlemoyer,
+Koh, Chieu), section 3.1, eq. (5)-(7) and Algorithm 1; the derivations and our departures from
+the paper are written up in docs/selectors/spokes.md.
 Reading order: :func:`relaxed_objective` (eq. 7), :func:`log_vendi_gradient` (closed form),
 :func:`objective_gradient`, :func:`exponentiated_gradient_step` (Algorithm 1 lines 10-11),
 :func:`armijo_accepts` (our step rule), :func:`run_spokes` (the loop, the stopping rule and the
@@ -73,7 +75,7 @@ def relaxed_objective(alpha: float, expected_quality: float | None, log_vendi: f
 
 
 def log_vendi_gradient(unit_rows: np.ndarray, eigvecs: np.ndarray, log_lambda: np.ndarray) -> np.ndarray:
-    """d ln Vendi / d w_i on the simplex, up to the additive constant -H (math notes).
+    """d ln Vendi / d w_i on the simplex, up to the additive constant -H (derivation in docs/selectors/spokes.md).
 
     dH/dw_i = -(1/s) (x_i^T U diag(ln lambda) U^T x_i + H) with s = sum w = 1; EG is
     invariant to adding a constant to every coordinate, so we return -x_i^T U diag(ln l) U^T x_i.

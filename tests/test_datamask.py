@@ -248,6 +248,11 @@ def test_bad_inputs_are_one_line_errors():
     no_emb = SelectionInputs(features=inputs.features, quality=inputs.quality)
     with pytest.raises(UserError, match="method 'datamask' needs embeddings"):
         get_selector("datamask", diversity="cosine").select(no_emb, 5)
+    from spokes_lightning.selectors.datamask.objective import build_objective
+
+    # called directly (not through the selector's input check): the same one line, not an ImportError
+    with pytest.raises(UserError, match="with diversity=cosine needs embeddings"):
+        build_objective(no_emb, 5, diversity="cosine")
 
 
 def spokes(*args):

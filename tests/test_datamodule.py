@@ -287,3 +287,48 @@ def test_causal_lm_module_fits_on_selected_datamodule_batches(tmp_path):
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(padded, want, atol=1e-5)
     assert torch.allclose(causal_lm_loss(model, masked), causal_lm_loss(model, cut), atol=1e-6)
     assert not torch.allclose(causal_lm_loss(model, masked), want, atol=1e-4)
+
+
+def test_mid_epoch_checkpoint_resumes_with_the_next_batch(tmp_path):
+    """A Lightning checkpoint saved mid-epoch (ModelCheckpoint every_n_train_steps) resumes with the batch
+    after the last one trained, in that epoch's plan and in the next epoch's: the resumed run sees
+    exactly the uninterrupted run's remaining batches (the loader's state_dict is in the checkpoint)."""
+    import lightning as L
+    import torch
+
+    torch.set_num_threads(1)
+    docs = make_docs(40, seed=3)
+    tokenizer = make_tokenizer()
+    selection = [doc_id for doc_id, _ in docs[:24]]
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch["segments"]))
+            return self.layer(batch["input_ids"][:, :1].float()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def fit(ckpt_path=None):
+        dm = SelectedDataModule(docs, selection, tokenizer, seq_length=8, batch_size=2, seed=5)
+        module = Recorder()
+        checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4,
+                                                          save_top_k=-1, filename="{step}")
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, callbacks=[checkpoints],
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return dm, module.seen
+
+    dm, full = fit()
+    per_epoch = [len(plan_epoch(dm.train_dataloader().dataset.lengths, 1, 5, e, 8, 2)[0]) for e in range(2)]
+    assert len(full) == sum(per_epoch) and [e for e, _ in full].count(0) == per_epoch[0]
+    at = [s for s in range(4, len(full), 4) if s % per_epoch[0]]  # mid-epoch checkpoints
+    assert any(s < per_epoch[0] for s in at) and any(s > per_epoch[0] for s in at)
+    for step in at:
+        _, resumed = fit(str(tmp_path / "ckpt" / f"step={step}.ckpt"))
+        assert resumed == full[step:], step

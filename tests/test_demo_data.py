@@ -106,3 +106,14 @@ def test_rebuild_is_byte_identical(tmp_path, manifest):
     for row in load_eval_items("winogrande", "val")[:20]:
         original = json.loads(source[int(row["id"].split("-")[1])])
         assert {k: v for k, v in row.items() if k not in ("id", "split")} == original
+
+
+def test_build_without_raw_directory_is_one_line(capsys):
+    spec = importlib.util.spec_from_file_location("demo_build", DEMO_DIR / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    with pytest.raises(SystemExit) as exit_info:
+        build.main([])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--raw DIR is required" in err[0]

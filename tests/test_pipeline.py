@@ -4,39 +4,16 @@ import subprocess
 import sys
 import time
 
-from spokes_lightning.selection.artifact import read_selection
 import pytest
 
-TINY = [
-    "data.limit=150", "data.validation_documents=20", "tokenizer.vocab_size=600",
-    "proxy.train.n_layers=3", "proxy.train.hidden=32", "proxy.train.heads=2", "proxy.train.intermediate=64",
-    "proxy.train.max_length=64", "proxy.train.batch_size=16",
-    "features.chunk_size=64", "features.batch_size=16", "features.gradients.k=64", "features.gradients.max_length=64",
-    "selection.budget=0.5", "selection.alpha_grid=[0.01,0.1]", "+selection.specs.semdedup.n_clusters=4",
-    "pretrain.token_budget=8192", "pretrain.seq_length=64", "pretrain.n_layers=2", "pretrain.hidden=32",
-    "pretrain.heads=2", "pretrain.batch_size=8",
-    "evaluate.tasks=[arc_easy,winogrande]", "evaluate.limit=12", "evaluate.batch_size=8",
-    "report.batch_gvendi.batch_size=16", "report.batch_gvendi.batches=3",
-]
-METHODS = ["random", "quality", "semdedup", "spokes", "spokes_quality", "quadmix", "quad", "datamask"]
-#: the peer selectors of issue 13 at test size (method=peers: every selector, side by side)
-PEERS = ["method=peers", "selection.specs.quadmix.proxy_runs=3", "selection.specs.quadmix.proxy_steps=5",
-         "selection.specs.quad.kfac_documents=32", "+selection.specs.quad.reference_documents=40",
-         "selection.specs.datamask.steps=20"]
-
-
-def launch(run_dir, *extra):
-    return subprocess.run([sys.executable, "launch/run.py", f"run_dir={run_dir}", *TINY, *PEERS, *extra],
-                          capture_output=True, text=True, timeout=900)
+from spokes_lightning.selection.artifact import read_selection
+from tiny_run import METHODS, launch
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    t = time.perf_counter()
-    r = launch(run_dir)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run_dir, r, time.perf_counter() - t
+def demo_run(tiny_run):
+    """The session's tiny run (tests/conftest.py): (run_dir, launch result, wall seconds)."""
+    return tiny_run
 
 
 def test_summary_contract(demo_run):

@@ -1,8 +1,10 @@
-"""Build the shipped demo corpus under ``data/demo/`` from the raw snapshots in ``shared/data``.
+"""Build the shipped demo corpus under ``data/demo/`` from a directory of raw public dumps.
 
-Run from the repository root::
+The raw dumps (web text, DCLM quality labels, evaluation sets; provenance in
+``data/demo/README.md``) are kept by the maintainers outside the repository. Run from the
+repository root, naming that directory::
 
-    python data/demo/build.py --shared ../shared/data
+    python data/demo/build.py --raw DIR
 
 The build is deterministic: splits are chosen by sorting row indices on a SHA-256 of
 ``"<seed>:<task>:<index>"`` (no library RNG, so the choice does not depend on the Python
@@ -34,13 +36,13 @@ if str(REPO_ROOT) not in sys.path:  # the script is run by path, not as a module
     sys.path.insert(0, str(REPO_ROOT))
 
 from spokes_lightning.atomic import atomic_path, write_json_atomic  # noqa: E402
-from spokes_lightning.errors import UserError, user_errors_exit  # noqa: E402
+from spokes_lightning.errors import UserError, fail, user_errors_exit  # noqa: E402
 
 SEED = 1234
 TEST_SIZE = 300
 VAL_SIZE = 100
 
-#: (path under shared/data, value of the ``source`` field) in output order.
+#: (path under the raw directory, value of the ``source`` field) in output order.
 WEB_FILES = [
     ("web/c4_en_train_first1000.jsonl", "c4"),
     ("web/dolma_cc_warc_CC-MAIN-20190717_00140.jsonl", "dolma_cc"),
@@ -53,7 +55,7 @@ WEB_FILES = [
 DCLM_MAJORITY = "quality/dclm_human_labels_majority.jsonl"
 DCLM_AGREEMENT = "quality/dclm_human_labels_agreement.jsonl"
 
-#: OLMES task name -> source file under shared/data/eval.
+#: OLMES task name -> source file under <raw>/eval.
 EVAL_FILES = {
     "hellaswag": "hellaswag/hellaswag_val.jsonl",
     "mmlu": "mmlu/mmlu_test.jsonl",
@@ -68,12 +70,12 @@ EVAL_FILES = {
 }
 MMLU_DEV = "mmlu/mmlu_dev.jsonl"
 
-#: reference sets (Quad's D_r): name -> (source file under shared/data/eval, items shipped)
+#: reference sets (Quad's D_r): name -> (source file under <raw>/eval, items shipped)
 REFERENCE_FILES = {"lambada_openai": ("llm_foundry/lambada_openai.jsonl", 500)}
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """All rows of a UTF-8 jsonl file (the shared snapshots are clean)."""
+    """All rows of a UTF-8 jsonl file (the raw dumps are clean)."""
     if not path.is_file():
         raise UserError(f"demo build: source file not found: {path}")
     with open(path, encoding="utf-8") as fh:
@@ -97,13 +99,13 @@ def source_url(row: dict) -> str | None:
     return row.get("url") or meta.get("warc_url") or meta.get("url")
 
 
-def build_web(shared: Path) -> tuple[list[dict], dict]:
+def build_web(raw: Path) -> tuple[list[dict], dict]:
     """Every web document, in WEB_FILES order; nothing is dropped (empty texts included)."""
-    raw = [(source, n, row) for rel, source in WEB_FILES
-           for n, row in enumerate(read_jsonl(shared / rel))]
-    id_counts = Counter(row.get("id") for _, _, row in raw if row.get("id"))
+    rows = [(source, n, row) for rel, source in WEB_FILES
+            for n, row in enumerate(read_jsonl(raw / rel))]
+    id_counts = Counter(row.get("id") for _, _, row in rows if row.get("id"))
     docs = []
-    for source, n, row in raw:
+    for source, n, row in rows:
         keep_id = row.get("id") and id_counts[row["id"]] == 1
         doc = {"id": str(row["id"]) if keep_id else f"{source}-{n}",
                "text": row.get("text") or "", "source": source}
@@ -129,10 +131,10 @@ def build_web(shared: Path) -> tuple[list[dict], dict]:
     return docs, stats
 
 
-def build_quality_labels(shared: Path, web_texts: set[str]) -> tuple[list[dict], dict]:
+def build_quality_labels(raw: Path, web_texts: set[str]) -> tuple[list[dict], dict]:
     """DCLM majority-vote labels, flagged when the doc is also in the agreement file."""
-    majority = read_jsonl(shared / DCLM_MAJORITY)
-    agreement = {r["text"] for r in read_jsonl(shared / DCLM_AGREEMENT)}
+    majority = read_jsonl(raw / DCLM_MAJORITY)
+    agreement = {r["text"] for r in read_jsonl(raw / DCLM_AGREEMENT)}
     rows = [{"id": f"dclm-{n}", "text": r["text"], "label": int(r["label"]),
              "agreement": r["text"] in agreement} for n, r in enumerate(majority)]
     leaked = sum(r["text"] in web_texts for r in rows)
@@ -150,52 +152,53 @@ def hash_order(task: str, n: int) -> list[int]:
     return sorted(range(n), key=key)
 
 
-def build_eval_task(shared: Path, task: str) -> list[dict]:
+def build_eval_task(raw: Path, task: str) -> list[dict]:
     """300 test + 100 val rows (disjoint), original fields plus ``id`` and ``split``."""
-    rows = read_jsonl(shared / "eval" / EVAL_FILES[task])
+    rows = read_jsonl(raw / "eval" / EVAL_FILES[task])
     order = hash_order(task, len(rows))
     splits = {"test": sorted(order[:TEST_SIZE]),
               "val": sorted(order[TEST_SIZE:TEST_SIZE + VAL_SIZE])}
     out = [{**rows[i], "id": f"{task}-{i}", "split": split}
            for split, indices in splits.items() for i in indices]
     if task == "mmlu":
-        dev = read_jsonl(shared / "eval" / MMLU_DEV)
+        dev = read_jsonl(raw / "eval" / MMLU_DEV)
         out += [{**r, "id": f"mmlu-dev-{i}", "split": "dev"} for i, r in enumerate(dev)]
     return out
 
 
-def build_reference(shared: Path, name: str) -> list[dict]:
+def build_reference(raw: Path, name: str) -> list[dict]:
     """A hash-ordered sample of a reference set, source order, original fields plus ``id``."""
     source, size = REFERENCE_FILES[name]
-    rows = read_jsonl(shared / "eval" / source)
+    rows = read_jsonl(raw / "eval" / source)
     return [{**rows[i], "id": f"{name}-{i}"} for i in sorted(hash_order(name, len(rows))[:size])]
 
 
-def build(shared: Path, out: Path) -> dict:
-    """Write every demo file under ``out`` and return the manifest."""
-    if not (shared / "README.md").is_file():
-        raise UserError(f"demo build: {shared} does not look like shared/data (no README.md)")
+def build(raw: Path, out: Path) -> dict:
+    """Write every demo file under ``out`` from the raw dumps in ``raw``; return the manifest."""
+    if not (raw / "README.md").is_file():
+        raise UserError(f"demo build: {raw} does not look like the raw demo directory "
+                        "(no README.md beside web/, quality/ and eval/)")
     files: dict[str, dict] = {}
 
-    web, web_stats = build_web(shared)
+    web, web_stats = build_web(raw)
     files["web.jsonl.gz"] = {"rows": len(web), "by_source": web_stats["by_source"],
                              "sha256": write_jsonl_gz(out / "web.jsonl.gz", web)}
 
-    labels, label_stats = build_quality_labels(shared, {d["text"] for d in web})
+    labels, label_stats = build_quality_labels(raw, {d["text"] for d in web})
     rel = "quality/dclm_human_labels.jsonl.gz"
     files[rel] = {"rows": len(labels), "sha256": write_jsonl_gz(out / rel, labels)}
 
     for task in EVAL_FILES:
-        rows = build_eval_task(shared, task)
+        rows = build_eval_task(raw, task)
         rel = f"eval/{task}.jsonl.gz"
         files[rel] = {"rows": len(rows), "by_split": dict(Counter(r["split"] for r in rows)),
-                      "source": f"shared/data/eval/{EVAL_FILES[task]}",
+                      "source": f"eval/{EVAL_FILES[task]}",
                       "sha256": write_jsonl_gz(out / rel, rows)}
 
     for name, (source, _) in REFERENCE_FILES.items():
-        rows = build_reference(shared, name)
+        rows = build_reference(raw, name)
         rel = f"reference/{name}.jsonl.gz"
-        files[rel] = {"rows": len(rows), "source": f"shared/data/eval/{source}",
+        files[rel] = {"rows": len(rows), "source": f"eval/{source}",
                       "sha256": write_jsonl_gz(out / rel, rows)}
 
     for rel, entry in files.items():
@@ -209,13 +212,16 @@ def build(shared: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shared", type=Path, default=REPO_ROOT.parent / "shared" / "data",
-                        help="the raw snapshot directory (default: ../shared/data)")
+    parser.add_argument("--raw", type=Path, metavar="DIR",
+                        help="the directory of raw public dumps (web/, quality/, eval/); required")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "demo",
                         help="output directory (default: data/demo)")
     args = parser.parse_args(argv)
+    if args.raw is None:
+        fail("demo build: --raw DIR is required: the directory of raw public dumps "
+             "(web/, quality/, eval/) that data/demo/README.md describes")
     with user_errors_exit():
-        manifest = build(args.shared, args.out)
+        manifest = build(args.raw, args.out)
     print(f"wrote {len(manifest['files'])} files, {manifest['web']['total']} web docs, "
           f"{manifest['total_bytes'] / 1e6:.2f} MB to {args.out}", file=sys.stderr)
 

@@ -181,6 +181,11 @@ class FeatureStore:
             self._ids = decode_ids(self.ids_array())
         return self._ids
 
+    def rows_of(self, ids) -> np.ndarray:
+        """float32 rows of ``ids`` (each a stored id), in store order."""
+        pos = {i: r for r, i in enumerate(self.ids)}
+        return np.asarray(self.matrix[np.sort([pos[i] for i in ids])], dtype=np.float32)
+
     def __len__(self) -> int:
         return len(self._ids) if self._ids is not None else len(self.ids_array())
 

@@ -6,7 +6,7 @@ Usage (one process, or several under ``accelerate launch`` / ``torchrun``)::
     from spokes_lightning.integrations.hf_trainer import SelectionDataset, SelectionTrainerCallback
 
     train = SelectionDataset(documents="data/demo/web.jsonl.gz",         # paths, (id, text) pairs, dicts
-                             selection="runs/demo/selection/spokes",     # artifact dir, {id: copies}, ids
+                             selection="runs/demo/selections/spokes",    # artifact dir, {id: copies}, ids
                              tokenizer=tokenizer, seq_length=512, batch_size=8, seed=0)
     args = TrainingArguments("runs/lm", per_device_train_batch_size=8, num_train_epochs=2, save_steps=500)
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[SelectionTrainerCallback()])

@@ -239,7 +239,7 @@ def _convert_checkpoint(checkpoint_dir: Path, tokenizer, vocab: int, model_dir: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_model(model, tokenizer, model_dir: Path) -> None:
+def save_model(model, tokenizer, model_dir: Path) -> None:
     """``save_pretrained`` (+ tokenizer) through a temp directory, then swap it in."""
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=model_dir.parent))
     try:

@@ -79,13 +79,13 @@ class CorpusStage(Stage):
     def settings(self, cfg):
         # data.workers changes who does the work, not what is written
         data = {k: v for k, v in to_plain(cfg.data).items() if k != "workers"}
-        return {"data": data, "seed": cfg.seed}
+        # "pool": what the pool holds beyond the settings; a change gives a new key, so every stage
+        # after it, and every resumable store made from the old pool, starts afresh
+        return {"data": data, "seed": cfg.seed, "pool": "documents with text"}
 
     def outdated(self, cfg, run_dir, outputs):
         if not (run_dir / outputs["pool"] / "index.json").exists():
             return "pool was written by an earlier version (one jsonl.gz file, not a document store)"
-        if "empty_texts" not in outputs:
-            return "pool was written by an earlier version (it kept empty texts)"
         return None
 
     def handed_on(self, outputs):

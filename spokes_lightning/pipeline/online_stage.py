@@ -61,7 +61,7 @@ def train_arm(ctx: RunContext, arm: str, out_dir: Path, static_ids) -> dict:
 
     from ..evaluation.val_loss import validation_loss
     from ..models.llama import CausalLMModule, StderrTrainingBar, build_llama
-    from ..models.pretrain import _save_model, pretrain_llama_config
+    from ..models.pretrain import pretrain_llama_config, save_model
     from ..online.lightning import OnlineReselectionCallback, OnlineSelectionDataModule
 
     cfg, o, p = ctx.cfg, ctx.cfg.online, ctx.cfg.pretrain
@@ -95,7 +95,7 @@ def train_arm(ctx: RunContext, arm: str, out_dir: Path, static_ids) -> dict:
     trainer.fit(module, datamodule=dm)
     fit_seconds = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_model(module.model, tok, out_dir / "model")
+    save_model(module.model, tok, out_dir / "model")
     records = dm.reselector.records
     reselect = dm.reselector.overhead_seconds
     sketch = float(sum(r["sketch_seconds"] for r in records if r["planned_at_step"] > 0))
@@ -151,7 +151,6 @@ class OnlineStage(Stage):
         from ..features.store import open_feature_store
         from ..selection.artifact import read_selection
         from ..vendi import vendi_score
-        from .report_stage import _rows_of
 
         cfg, o = ctx.cfg, ctx.cfg.online
         if not o.enabled:
@@ -171,7 +170,7 @@ class OnlineStage(Stage):
         if feats.get("gradients_independent"):
             store = open_feature_store(ctx.run_dir / feats["gradients_independent"])
             for arm, r in records.items():
-                r["gvendi_proxy_independent"] = vendi_score(_rows_of(store, ids_by_arm[arm]))
+                r["gvendi_proxy_independent"] = vendi_score(store.rows_of(ids_by_arm[arm]))
         scorer = "random" if "random" in records else next(iter(records))
         by_final = score_gvendi(ctx.run_dir / "online" / scorer / "model", export_tokenizer(ctx), ids_by_arm, texts,
                                 k=int(o.score.k), max_length=int(o.score.max_length),

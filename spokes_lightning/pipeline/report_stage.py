@@ -20,11 +20,6 @@ from .stage import RunContext, Stage
 SOURCE_MIX_TOP = 3
 
 
-def _rows_of(store, ids):
-    pos = {i: r for r, i in enumerate(store.ids)}
-    return np.asarray(store.matrix[np.sort([pos[i] for i in ids])], dtype=np.float32)
-
-
 def method_summary(ctx: RunContext, method: str, sel_info: dict, pool, independent) -> dict:
     cfg = ctx.cfg
     sel = read_selection(ctx.run_dir / sel_info["selection"])
@@ -42,7 +37,7 @@ def method_summary(ctx: RunContext, method: str, sel_info: dict, pool, independe
         "n_tokens": int(exp.get("n_tokens", sel_info["n_tokens"])),
         "epochs": pre.get("epochs"),
         "gvendi": vendi_score(rows),
-        "gvendi_independent": vendi_score(_rows_of(independent, sel.ids)) if independent is not None else None,
+        "gvendi_independent": vendi_score(independent.rows_of(sel.ids)) if independent is not None else None,
         "batch_gvendi": batch_vendi_score(feats, bsize, int(b.batches), seed=int(cfg.seed), indices=idx),
         "mean_quality": float(np.mean(pool.inputs.quality[idx])),
         "mean_length": float(np.mean(pool.lengths[idx])),

@@ -131,7 +131,9 @@ def resolve_method_specs(specs: dict | None, methods, plugins=()) -> dict[str, d
 
     A method with an entry in ``specs`` uses it; a method without one that names a registered
     selector (built in, installed, or from ``plugins``) runs that selector with its defaults,
-    ``{selector: name}``. Any other name is one line."""
+    ``{selector: name}``. A spec without a ``selector`` key whose method names a registered
+    selector runs that selector with the spec's parameters (``+selection.specs.NAME.PARAM=V``
+    overrides one default). Any other name is one line."""
     from ..selectors import available_methods
 
     load_plugins(plugins)
@@ -144,6 +146,8 @@ def resolve_method_specs(specs: dict | None, methods, plugins=()) -> dict[str, d
             if not isinstance(spec, dict):
                 raise UserError(f"selection.specs.{method} must be a mapping such as {{selector: NAME}}, got {spec!r}")
             out[method] = dict(spec)
+            if "selector" not in spec and method in available_methods():
+                out[method] = {"selector": method, **spec}
         elif method in available_methods():
             out[method] = {"selector": method}
         else:

@@ -1,8 +1,8 @@
 """DATAMASK: joint quality-and-diversity selection by policy-gradient mask learning.
 
 Fan, Xian, Sun, Shen, *Joint Selection for Large-Scale Pre-Training Data via Policy
-Gradient-based Mask Learning* (arXiv 2512.24265). Only the ABSTRACT is available here
-(../shared/papers/datamask_abstract.txt): this module builds the method the abstract
+Gradient-based Mask Learning* (arXiv:2512.24265). Only the paper's ABSTRACT was available when
+this was written (see docs/selectors/peers.md): this module builds the method the abstract
 describes ("iterative sampling of data masks, computation of policy gradients based on
 predefined objectives with sampled masks, and updating of mask sampling logits"), and every
 detail below that the abstract leaves open is our choice, marked **choice**.

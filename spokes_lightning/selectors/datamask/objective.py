@@ -8,7 +8,7 @@ import numpy as np
 from ...errors import UserError
 from ...progress import progress
 from ...vendi import EIGEN_FLOOR, UnitRows
-from ..base import SelectionInputs
+from ..base import INPUT_HINTS, SelectionInputs
 
 DIVERSITY = ("gvendi", "cosine", "facility")
 NORMALIZE = ("rank", "minmax")
@@ -199,8 +199,6 @@ def build_objective(inputs: SelectionInputs, k: int, *, lam: float = 0.5, divers
         raise UserError(f"datamask: diversity must be one of {', '.join(DIVERSITY)}, got {diversity!r}")
     matrix = getattr(inputs, field)
     if matrix is None:
-        from .base import INPUT_HINTS
-
         raise UserError(f"method 'datamask' with diversity={diversity} needs {field}: {INPUT_HINTS[field]}")
     q, _ = combined_quality(inputs, scores, normalize)
     n = len(q)
