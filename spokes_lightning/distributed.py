@@ -25,6 +25,21 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
 
 
+def collective_device(backend: str) -> str:
+    """Where a collective's tensors must live: ``"cuda"`` for a group that is NCCL only (as
+    Lightning's and Accelerate's GPU process groups are), else ``"cpu"`` (gloo, or a group with
+    a CPU backend such as ``"cpu:gloo,cuda:nccl"``)."""
+    return "cuda" if str(backend).strip().lower() == "nccl" else "cpu"
+
+
+def _on_group_device(dist, t):
+    import torch
+
+    if collective_device(dist.get_backend()) == "cuda":
+        return t.to(torch.device("cuda", torch.cuda.current_device()))
+    return t
+
+
 def all_reduce_sum_(array: np.ndarray) -> np.ndarray:
     """In-place sum across ranks of a numpy array (int64 or float64)."""
     dist = _dist()
@@ -32,9 +47,9 @@ def all_reduce_sum_(array: np.ndarray) -> np.ndarray:
         return array
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = _on_group_device(dist, torch.from_numpy(np.ascontiguousarray(array)))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    array[...] = t.numpy()
+    array[...] = t.cpu().numpy()
     return array
 
 
@@ -44,7 +59,7 @@ def all_reduce_scalar(value: float, op: str = "sum") -> float:
         return float(value)
     import torch
 
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = _on_group_device(dist, torch.tensor([float(value)], dtype=torch.float64))
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return float(t.item())
 

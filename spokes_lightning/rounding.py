@@ -20,7 +20,7 @@ than a random subset. Two more rules:
   (:func:`kernel_space_basis`: it shares its non-zero spectrum with the d x d Gram X_S^T X_S),
   of the d x d Gram (:func:`gram_space_basis`) from then on.
 
-The default was chosen from ``bench/bench_rounding.py`` (table in the README). Every rule is
+The default was chosen from ``bench/bench_rounding.py`` (table in docs/selectors/rounding.md). Every rule is
 deterministic given the seed and gives the same subset for any number of ranks: each rank
 holds a contiguous shard of the global rows; sums are all-reduced and every "take the best b"
 is a global top-b over gathered candidates, ties going to the lower global index.

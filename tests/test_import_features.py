@@ -12,7 +12,7 @@ from spokes_lightning.selection.artifact import read_selection
 from spokes_lightning.errors import UserError
 from spokes_lightning.data.id_arrays import encode_ids, first_duplicate
 from spokes_lightning.features.store import FeatureStoreWriter, open_feature_store, write_column_slice
-from test_pipeline import TINY
+from tiny_run import TINY
 
 
 def spokes(*args, cwd=None):

@@ -19,7 +19,7 @@ import torch
 
 from spokes_lightning.corpus import Document, interleave_by_field, read_documents
 from spokes_lightning.errors import UserError
-from test_pipeline import TINY
+from tiny_run import TINY
 
 def merged(base, extra):
     """``base`` overrides with those of ``extra`` put in their place (a key given once)."""

@@ -128,6 +128,46 @@ def test_two_ranks_equal_one_rank(tmp_path, planted, alpha):
     np.testing.assert_allclose(out[1]["objective"], out[2]["objective"], rtol=1e-12)
 
 
+
+def test_collectives_follow_the_process_group_backend():
+    """An NCCL-only group (Lightning's and Accelerate's on GPUs) needs CUDA tensors; gloo and mixed groups CPU."""
+    from spokes_lightning.distributed import collective_device
+
+    assert collective_device("nccl") == "cuda"
+    assert collective_device("gloo") == "cpu"
+    assert collective_device("cpu:gloo,cuda:nccl") == "cpu"
+
+
+NCCL_SCRIPT = r"""
+import os, sys
+import numpy as np
+import torch
+import torch.distributed as dist
+from spokes_lightning import run_spokes
+
+x = np.load(sys.argv[1])
+alone = run_spokes(x, alpha=0.0, k=100, steps=3, log=lambda m: None)
+torch.cuda.set_device(0)
+dist.init_process_group("nccl", rank=0, world_size=1)
+grouped = run_spokes(x, alpha=0.0, k=100, steps=3, log=lambda m: None)
+dist.destroy_process_group()
+assert np.array_equal(alone.indices, grouped.indices) and np.array_equal(alone.weights, grouped.weights)
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (an NCCL process group)")
+def test_run_spokes_under_an_nccl_process_group(tmp_path, planted):
+    """SelectionCallback in a GPU DDP fit and run_selections under ``accelerate launch`` on GPUs run SPOKES in
+    an NCCL-only group: its collectives move their tensors to the GPU and give the 1-process result."""
+    x, _ = planted
+    np.save(tmp_path / "x.npy", x[:1000].astype(np.float32))
+    import os
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29571")
+    proc = subprocess.run([sys.executable, "-c", NCCL_SCRIPT, str(tmp_path / "x.npy")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
 def test_bad_inputs():
     x = np.random.default_rng(0).standard_normal((50, 4))
     with pytest.raises(UserError, match="alpha"):
