@@ -341,6 +341,7 @@ def ingest(settings: IngestSettings, out_dir: str | Path, workers: int = 1) -> d
     records = {name: [json.loads((out_dir / name / f"{ds.shard_name(s)}.json").read_text())
                       for s in range(max(1, -(-n // settings.shard_documents)))]
                for name, n in (("pool", len(plan.pool)), ("validation", len(plan.validation)))}
+    barrier()  # every rank has read the shard records before rank 0 removes them
     stats = [m["stats"] for m in marks]
     summary = {
         "n_read": int(len(plan.order)), "n_pool": int(len(plan.pool)), "n_validation": int(len(plan.validation)),

@@ -55,6 +55,11 @@ def main():
             "segments": [[plan.ids[d] for d in s] for s in plan.segments],
             "rules": [r["rule"] for r in reselector.records], "seen": seen,
             "requires_grad": all(p.requires_grad for p in model.parameters())}))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave the group cleanly: a gloo thread alive at exit can abort the process
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
