@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install demo test test-fast bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the unit tier: no pipeline runs, no model training, no multi-process tests (markers: tests/conftest.py)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e and not slow and not distributed" tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_vendi.py

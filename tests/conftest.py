@@ -37,3 +37,31 @@ def tiny_run(tmp_path_factory):
     r = build_tiny_run(base / "run", base / "pristine")
     assert r.returncode == 0, r.stderr[-3000:]
     return base / "run", r, time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------- tiers
+#: whole-pipeline runs (launch/run.py, the wheel, the docs examples on a finished run)
+E2E_MODULES = {"test_pipeline", "test_ranks_pipeline", "test_wheel", "test_docs_examples", "test_run_dir",
+               "test_import_features", "test_recipes", "test_method_picks"}
+#: modules that train or convert models, or run lm-eval: seconds to a minute a test
+SLOW_MODULES = {"test_hf_trainer", "test_hf_trainer_user_script", "test_online_hf_trainer", "test_online_lightning",
+                "test_online", "test_accelerate", "test_export_scale", "test_export", "test_megatron_convert",
+                "test_megatron_train", "test_pretrain", "test_proxy", "test_embeddings_quality",
+                "test_fewshot_and_checkpoint_eval", "test_calibration", "test_evaluation", "test_extract",
+                "test_gradients", "test_quadmix", "test_quad", "test_report_sections", "test_report_paper_sections",
+                "test_selection_callback", "test_cli_edges", "test_datamask"}
+#: words in a test's name that mean it starts several processes (DDP over gloo, torchrun, accelerate launch)
+DISTRIBUTED_WORDS = ("two_process", "two_gloo", "two_ranks", "two_torchrun", "one_and_two", "processes", "ddp",
+                     "tp2", "torchrun", "failing_rank")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers by tier: ``e2e``, ``slow``, ``distributed`` (``make test-fast`` leaves all three out)."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        if any(word in item.name.lower() for word in DISTRIBUTED_WORDS):
+            item.add_marker(pytest.mark.distributed)
