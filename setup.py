@@ -6,7 +6,7 @@ All packages under spokes_lightning/, plus three top-level folders of the checko
 * ``recipes/``    -> ``spokes_lightning.recipes``   (the Hydra configs ``spokes-run`` composes)
 * ``data/demo/``  -> ``spokes_lightning.demo_data`` (the shipped demo corpus and eval tasks)
 
-:mod:`spokes_lightning.resources` finds the last two in an installed package and in a checkout.
+:mod:`spokes_lightning.utils.resources` finds the last two in an installed package and in a checkout.
 Every sub-folder of a data folder is a package of its own here, so setuptools ships its files
 (and does not warn that it "would be ignored").
 """

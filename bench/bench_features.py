@@ -157,7 +157,7 @@ def dense_two_seeds(module, docs, batch_size, seeds=(0, 1)):
 
 
 def spokes_top_half(features: np.ndarray) -> set[int]:
-    from spokes_lightning.spokes import run_spokes
+    from spokes_lightning.core.spokes import run_spokes
 
     return set(run_spokes(features.astype(np.float32), k=len(features) // 2, log=lambda m: None).indices.tolist())
 

@@ -27,9 +27,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spokes_lightning.rounding import ROUNDING_RULES  # noqa: E402
-from spokes_lightning.spokes import run_spokes  # noqa: E402
-from spokes_lightning.vendi import EIGEN_FLOOR, vendi_score  # noqa: E402
+from spokes_lightning.core.rounding import ROUNDING_RULES  # noqa: E402
+from spokes_lightning.core.spokes import run_spokes  # noqa: E402
+from spokes_lightning.core.vendi import EIGEN_FLOOR, vendi_score  # noqa: E402
 
 
 def planted(spread: float, profile: str, seed: int, n=4016, d=128, clusters=40):

@@ -75,7 +75,7 @@ def write_corpus(directory: Path, n: int, files: int = 8, seed: int = 0) -> list
 
 def given_tokenizer(directory: Path) -> Path:
     """A byte-level BPE (vocab 8192) trained on the demo corpus: the 'given' export tokenizer."""
-    from spokes_lightning.corpus import demo_web_paths, read_documents
+    from spokes_lightning.data.corpus import demo_web_paths, read_documents
     from spokes_lightning.models.tokenizer import train_tokenizer
 
     train_tokenizer([d.text for d in read_documents(demo_web_paths())], vocab_size=8192, out_dir=directory)
@@ -143,7 +143,7 @@ def bare_tokenization(run_dir: Path) -> tuple[float, int]:
     """Seconds and tokens to batch-tokenize the random selection's texts, texts already in memory."""
     from spokes_lightning.data.document_store import DocumentStore
     from spokes_lightning.models.tokenizer import load_tokenizer
-    from spokes_lightning.selection.artifact import read_selection
+    from spokes_lightning.data.selection_artifact import read_selection
 
     pool = DocumentStore(run_dir / "corpus" / "pool")
     sel = read_selection(run_dir / "selections" / "random")

@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from spokes_lightning.spokes import run_spokes
-from spokes_lightning.vendi import DEFAULT_CHUNK_ROWS
+from spokes_lightning.core.spokes import run_spokes
+from spokes_lightning.core.vendi import DEFAULT_CHUNK_ROWS
 
 
 def rss_anon_bytes() -> int:

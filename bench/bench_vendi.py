@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from spokes_lightning.vendi import vendi_score, vendi_score_kernel
+from spokes_lightning.core.vendi import vendi_score, vendi_score_kernel
 
 
 def timed(fn, *args):

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 
-from spokes_lightning.errors import UserError
+from spokes_lightning.utils.errors import UserError
 from spokes_lightning.features.store import open_feature_store
 from spokes_lightning.selection.driver import on_all_ranks, select_methods
 from spokes_lightning.selection.pool import SelectionPool

@@ -6,7 +6,7 @@
     python launch/run.py -m dataset=demo method=random,spokes   # one run and run_dir per combination
     python launch/run.py recipe=demo selection.budget=0.3 stages=[corpus,tokenizer,proxy,features,select]
 
-See spokes_lightning/launch.py (``spokes-run --help``).
+See spokes_lightning/cli/run.py (``spokes-run --help``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout runs without an install too
 
-from spokes_lightning.launch import compose, main  # noqa: E402,F401
+from spokes_lightning.cli.run import compose, main  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from spokes_lightning.cli.spokes import main
 
 sys.exit(main())

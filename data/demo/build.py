@@ -35,8 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # the script is run by path, not as a module
     sys.path.insert(0, str(REPO_ROOT))
 
-from spokes_lightning.atomic import atomic_path, write_json_atomic  # noqa: E402
-from spokes_lightning.errors import UserError, fail, user_errors_exit  # noqa: E402
+from spokes_lightning.utils.atomic import atomic_path, write_json_atomic  # noqa: E402
+from spokes_lightning.utils.errors import UserError, fail, user_errors_exit  # noqa: E402
 
 SEED = 1234
 TEST_SIZE = 300

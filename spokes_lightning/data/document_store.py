@@ -26,8 +26,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_path, write_json_atomic
-from ..errors import UserError, require_package
+from spokes_lightning.utils.atomic import atomic_path, write_json_atomic
+from spokes_lightning.utils.errors import UserError, require_package
 
 FORMAT = "spokes-documents/1"
 INDEX = "index.json"

@@ -13,8 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import UserError
+from spokes_lightning.utils.atomic import atomic_path
+from spokes_lightning.utils.errors import UserError
 
 #: ids handled at once by the streaming helpers
 BLOCK = 1 << 20

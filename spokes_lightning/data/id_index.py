@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .ingest import id_hash
+from spokes_lightning.data.ingest import id_hash
 
 MISSING = -1
 

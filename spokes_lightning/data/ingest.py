@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, write_json_atomic
-from ..corpus import ReadStats, file_records, resolve_paths, stream_hub_dataset
-from ..errors import UserError
-from . import document_store as ds
-from .ranks import barrier, my_tasks, run_tasks, world
+from spokes_lightning.utils.atomic import atomic_path, write_json_atomic
+from spokes_lightning.data.corpus import ReadStats, file_records, resolve_paths, stream_hub_dataset
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.data import document_store as ds
+from spokes_lightning.data.ranks import barrier, my_tasks, run_tasks, world
 
 GATHER_BLOCK = 8192
 #: documents of fewer words are never held out for validation (too short to score a loss on)

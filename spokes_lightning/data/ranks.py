@@ -15,7 +15,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Sequence
 
-from ..distributed import world
+from spokes_lightning.core.distributed import world
 
 
 def init_from_environment(backend: str = "gloo") -> tuple[int, int]:

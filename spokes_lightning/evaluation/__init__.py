@@ -10,7 +10,7 @@ from spokes_lightning.evaluation.decontamination import (
 from spokes_lightning.evaluation.departures import OLMES_DEPARTURES
 from spokes_lightning.evaluation.run import evaluate_model
 from spokes_lightning.evaluation.tasks import ALL_TASKS, TASK_SPECS, chance_level, load_cloze_items
-from spokes_lightning.evaluation.val_loss import validation_loss
+from spokes_lightning.models.val_loss import validation_loss
 
 __all__ = [
     "ALL_TASKS", "OLMES_DEPARTURES", "TASK_SPECS", "chance_level", "contaminated_documents",

@@ -2,7 +2,7 @@
 
 The same code as the pipeline's evaluate stage: OLMES-style cloze tasks over the shipped files
 with lm-eval (:func:`spokes_lightning.evaluation.run.evaluate_with_items`). A Megatron-LM
-``--save`` directory is first converted (:mod:`spokes_lightning.megatron_convert`) with
+``--save`` directory is first converted (:mod:`spokes_lightning.megatron.convert`) with
 ``tokenizer`` into ``<out>.converted/`` next to the results file.
 
 ``results.json`` holds the per-task summary, the 10-task average, each item's 0/1 score (for
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spokes_lightning.atomic import write_json_atomic
-from spokes_lightning.errors import UserError
+from spokes_lightning.utils.atomic import write_json_atomic
+from spokes_lightning.utils.errors import UserError
 from spokes_lightning.evaluation.tasks import check_task_names, shots_for
 
 
@@ -30,7 +30,7 @@ def evaluate_checkpoint(model: str | Path, tasks, out: str | Path, *, tokenizer:
                         limit: int | None = None, num_fewshot: int | None = None, split: str = "test",
                         batch_size: int = 16) -> dict:
     """Evaluate ``model`` (HF dir or Megatron checkpoint dir) on ``tasks``; write ``out`` (JSON) last."""
-    from spokes_lightning.megatron_convert import resolve_model_dir
+    from spokes_lightning.megatron.convert import resolve_model_dir
     from spokes_lightning.evaluation.run import evaluate_with_items
 
     out = Path(out)

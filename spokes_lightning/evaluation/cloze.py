@@ -25,9 +25,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from spokes_lightning.errors import UserError
+from spokes_lightning.utils.errors import UserError
 
 _CHOICE_LINE = re.compile(r"^([A-Z])\.\s?(.*)$")
+
+#: the context of the unconditioned PMI term (OLMES "rc" formulation): P(answer | "Answer:")
+PMI_UNCONDITIONED_CONTEXT = "Answer:"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spokes_lightning.errors import UserError
+from spokes_lightning.utils.errors import UserError
 
 _WORD = re.compile(r"\w+")
 DEFAULT_N = 13
@@ -105,7 +105,7 @@ def _id_text_pairs(documents):
 def contaminated_documents(documents, eval_texts=None, n: int = DEFAULT_N,
                            index: EvalNgramIndex | None = None) -> ContaminationResult:
     """Which ``documents`` share an ``n``-gram with ``eval_texts`` (default: all local eval items)."""
-    from ..progress import progress
+    from spokes_lightning.utils.progress import progress
 
     if index is None:
         index = EvalNgramIndex(eval_item_texts() if eval_texts is None else eval_texts, n)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spokes_lightning.atomic import atomic_path
+from spokes_lightning.utils.atomic import atomic_path
 from spokes_lightning.evaluation.tasks import TASK_SPECS, check_task_names, lm_eval_task_name
 
 FILTER = "none"

@@ -9,8 +9,8 @@ rewrites those unconditional requests' context to ``"Answer:"``; everything else
 """
 from __future__ import annotations
 
-from spokes_lightning.errors import require_package
-from spokes_lightning.evaluation.tasks import PMI_UNCONDITIONED_CONTEXT
+from spokes_lightning.utils.errors import require_package
+from spokes_lightning.evaluation.cloze import PMI_UNCONDITIONED_CONTEXT
 
 require_package("lm_eval", "lm-eval")
 from lm_eval.api.task import ConfigurableTask  # noqa: E402

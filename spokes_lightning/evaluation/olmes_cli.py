@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from spokes_lightning.errors import UserError
+from spokes_lightning.utils.errors import UserError
 from spokes_lightning.evaluation.tasks import TASK_SPECS, read_task_rows
 
 OLMES_MISSING = ("the 'olmes' CLI is not installed (it is not on PyPI): "

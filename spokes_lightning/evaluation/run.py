@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from spokes_lightning.errors import UserError, require_package
+from spokes_lightning.utils.errors import UserError, require_package
 from spokes_lightning.evaluation.tasks import (
     ALL_TASKS,
     TASK_SPECS,

@@ -26,13 +26,16 @@ Sec. 3.4): the first 5 rows of the task's ``val`` split, which are then left out
 from __future__ import annotations
 
 import gzip
+import os
 import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from spokes_lightning.errors import UserError, require_package
+from spokes_lightning.data.corpus import DEMO_DIR, ReadStats, jsonl_records, resolve_paths
+from spokes_lightning.utils.errors import UserError, require_package
 from spokes_lightning.evaluation.cloze import (
+    PMI_UNCONDITIONED_CONTEXT,
     ClozeItem,
     mmlu_question_prompt,
     mmlu_subject_title,
@@ -40,7 +43,6 @@ from spokes_lightning.evaluation.cloze import (
 )
 
 SPLITS = ("test", "val")
-PMI_UNCONDITIONED_CONTEXT = "Answer:"
 TASK_PREFIX = "olmes_local_"
 
 #: normalization name -> lm-eval metric that implements it.
@@ -81,7 +83,7 @@ TASK_LABELS = {name: spec.label for name, spec in TASK_SPECS.items()}
 
 def default_eval_dir() -> Path:
     """``data/demo/eval`` of a checkout, or the installed package's copy."""
-    from ..resources import shipped_dir
+    from spokes_lightning.utils.resources import shipped_dir
 
     return shipped_dir("demo_data") / "eval"
 
@@ -242,3 +244,20 @@ def build_lm_eval_task(task: str, split: str = "test", eval_dir: str | Path | No
     from spokes_lightning.evaluation.lm_eval_task import OlmesClozeTask
 
     return OlmesClozeTask(config=task_config(task, split, eval_dir, num_fewshot))
+
+
+def load_eval_items(task: str, split: str = "test",
+                    directory: str | os.PathLike | None = None) -> list[dict]:
+    """Rows of ``eval/<task>.jsonl.gz`` with the given split (test, val; mmlu also dev).
+
+    Rows keep their original MosaicML/llm-foundry fields plus ``id`` and ``split``.
+    """
+    if task not in ALL_TASKS:
+        raise UserError(f"unknown eval task {task!r}; choose from {', '.join(ALL_TASKS)}")
+    splits = ("test", "val", "dev") if task == "mmlu" else ("test", "val")
+    if split not in splits:
+        raise UserError(f"eval task {task!r} has no split {split!r}; choose from "
+                        f"{', '.join(splits)}")
+    path = Path(directory or DEMO_DIR / "eval") / f"{task}.jsonl.gz"
+    (path,) = resolve_paths([path])
+    return [row for _, row in jsonl_records(path, ReadStats()) if row.get("split") == split]

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError, require_package
-from ..progress import progress as show_progress
-from .hub import load_pretrained
+from spokes_lightning.utils.errors import UserError, require_package
+from spokes_lightning.utils.progress import progress as show_progress
+from spokes_lightning.data.hub import load_pretrained
 
 DEFAULT_EMBEDDING_MODEL = "default"
 DEFAULT_MAX_LENGTH = 256

@@ -42,10 +42,10 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.document_store import DocumentStore
-from ..errors import UserError
-from ..progress import progress
-from .store import FINALIZE_KEYS, MANIFEST, FeatureStore, FeatureStoreWriter
+from spokes_lightning.data.document_store import DocumentStore
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.utils.progress import progress
+from spokes_lightning.features.store import FINALIZE_KEYS, MANIFEST, FeatureStore, FeatureStoreWriter
 
 QUIET_WARNINGS = (".*infer the batch indices.*", ".*Total length of `DataLoader` across ranks is zero.*")
 
@@ -287,6 +287,6 @@ def extract_features(module: L.LightningModule, documents: Iterable[Any], store_
     if trainer.is_global_zero:
         writer.finalize(data.n_chunks, module.feature_dim, dtype)
     trainer.strategy.barrier("features-finalized")
-    from .store import open_feature_store
+    from spokes_lightning.features.store import open_feature_store
 
     return open_feature_store(store_dir)

@@ -46,11 +46,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .fused_head import IGNORE, HeadCrossEntropy, decoder_and_head, next_token_targets
-from .projection import DEFAULT_BLOCK_COLS, DenseRademacherProjector, KroneckerLayerSketch, kronecker_side
-from ..models.llama import load_causal_lm
-from ..models.tokenizer import load_tokenizer
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.features.fused_head import IGNORE, HeadCrossEntropy, decoder_and_head, next_token_targets
+from spokes_lightning.features.projection import DEFAULT_BLOCK_COLS, DenseRademacherProjector, KroneckerLayerSketch, kronecker_side
+from spokes_lightning.models.llama import load_causal_lm
+from spokes_lightning.models.tokenizer import load_tokenizer
 
 PROJECTIONS = ("kronecker", "dense")
 HEAD_CHUNK_BYTES = 1 << 28  # the fused head computes at most this many bytes of logits at once

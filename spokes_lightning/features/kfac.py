@@ -63,12 +63,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .fused_head import IGNORE, next_token_targets
-from .projection import DenseRademacherProjector
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.features.fused_head import IGNORE, next_token_targets
+from spokes_lightning.features.projection import DenseRademacherProjector
 
 if TYPE_CHECKING:  # gradients.py imports lightning: kept out of the selector's import path
-    from .gradients import ProxyGradientModule
+    from spokes_lightning.features.gradients import ProxyGradientModule
 
 HESSIANS = ("kfac", "none")
 DAMPING_SPLITS = ("pi", "sqrt", "eigen")
@@ -244,7 +244,7 @@ def reference_gradient(module: ProxyGradientModule, texts: Sequence[str], batch_
 def estimate_factors(module: ProxyGradientModule, texts: Sequence[str], blocks: list[Block], batch_size: int = 8,
                      max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> KFACFactors:
     """K-FAC factors of every block over the loss-carrying tokens of ``texts`` (module doc)."""
-    from .gradients import grad_only_from
+    from spokes_lightning.features.gradients import grad_only_from
 
     modules = dict(module.model.named_modules())
     acc = KFACFactors(blocks, max_factor_dim, module.device)

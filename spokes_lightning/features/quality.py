@@ -25,9 +25,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_json_atomic
-from ..errors import UserError
-from .hub import load_pretrained
+from spokes_lightning.utils.atomic import atomic_path, write_json_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.data.hub import load_pretrained
 
 MIN_PROBABILITY = 1e-4
 CLASSIFIER_FILE = "quality_classifier.joblib"
@@ -259,7 +259,7 @@ class EmbeddingQualityModule(pl.LightningModule):
     def __init__(self, classifier_dir: str | os.PathLike, embedding_model: str | None = None,
                  max_length: int = 256):
         super().__init__()
-        from .embeddings import EmbeddingModule
+        from spokes_lightning.features.embeddings import EmbeddingModule
 
         self.classifier_dir = Path(classifier_dir)
         self.classifier, self.metrics = load_quality_classifier(self.classifier_dir)

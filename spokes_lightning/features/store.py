@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path, save_npy_atomic, write_json_atomic
-from ..errors import UserError
-from ..data.id_arrays import decode_ids, encode_ids, first_duplicate, write_ids_npy
+from spokes_lightning.utils.atomic import atomic_path, save_npy_atomic, write_json_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.data.id_arrays import decode_ids, encode_ids, first_duplicate, write_ids_npy
 
 MANIFEST = "manifest.json"
 FEATURES = "features.npy"
@@ -223,7 +223,7 @@ _CHECKED: dict[tuple, str | None] = {}
 
 
 def _first_duplicate_cached(store: FeatureStore, ids: np.ndarray) -> str | None:
-    from ..pipeline.output_check import file_digest  # whole file, or 64 blocks of a big one (cheap)
+    from spokes_lightning.utils.output_check import file_digest  # whole file, or 64 blocks of a big one (cheap)
 
     f = store.path / (LEGACY_IDS if store._legacy else IDS)
     st = f.stat()

@@ -18,7 +18,7 @@ raised on every process, so no process is left waiting at a barrier. Example (ru
 
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from spokes_lightning.errors import user_errors_exit
+    from spokes_lightning.utils.errors import user_errors_exit
     from spokes_lightning.integrations.accelerate import extract_with_accelerate
 
     accelerator = Accelerator()
@@ -43,11 +43,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..features.extract import ChunkedCorpusDataModule, ChunkWriter, as_source, store_manifest
-from ..features.store import FeatureStore, FeatureStoreWriter, open_feature_store
-from ..progress import progress as progress_bar
-from ..selection.driver import on_all_ranks
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.features.extract import ChunkedCorpusDataModule, ChunkWriter, as_source, store_manifest
+from spokes_lightning.features.store import FeatureStore, FeatureStoreWriter, open_feature_store
+from spokes_lightning.utils.progress import progress as progress_bar
+from spokes_lightning.selection.driver import on_all_ranks
 
 __all__ = ["extract_with_accelerate", "feature_module_for"]
 
@@ -64,7 +64,7 @@ def feature_module_for(model_or_module: Any, accelerator=None, tokenizer=None, *
     :class:`ProxyGradientModule` with ``tokenizer`` and ``gradient_options`` (``n_layers``, ``k``,
     ``projection``, ``seed``, ``max_length``, ...).
     """
-    from ..features.gradients import ProxyGradientModule
+    from spokes_lightning.features.gradients import ProxyGradientModule
 
     if _is_feature_module(model_or_module):
         if gradient_options or tokenizer is not None:

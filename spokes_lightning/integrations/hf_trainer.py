@@ -14,9 +14,9 @@ Usage (one process, or several under ``accelerate launch`` / ``torchrun``)::
 
 How it works. Documents are tokenized once, each followed by one EOS; a document the selection
 takes ``c`` times enters every epoch ``c`` times. Each epoch the entries are shuffled with
-``default_rng([seed, epoch])``, dealt to ranks and packed into ``seq_length`` sequences exactly as
-:class:`~spokes_lightning.datamodule.SelectedDataModule` does (``shard_documents`` +
-``pack_documents``). Each rank's sequences, in packing order, fill a FIXED number ``B`` of batches
+``default_rng([seed, epoch])``, dealt to ranks and packed into ``seq_length`` sequences by
+:func:`spokes_lightning.data.batches.plan_epoch`, the plan
+:class:`~spokes_lightning.integrations.lightning.SelectedDataModule` serves too. Each rank's sequences, in packing order, fill a FIXED number ``B`` of batches
 of ``batch_size``: the same ``B`` every epoch, an upper bound of any shuffle's need from the token
 counts (the greedy deal keeps ranks within one document's tokens, so ``B`` exceeds the need by at
 most ``longest_document / (seq_length * batch_size) + 1``). A rank with fewer sequences than ``B``
@@ -46,49 +46,39 @@ selection or shape differs from the checkpoint's. Items need no collator beyond 
 default (with ``processing_class=tokenizer`` the tokenizer needs a pad token).
 
 Bad input (an id not in the corpus, a batch size that differs, a resume with another selection,
-...) raises :class:`~spokes_lightning.errors.UserError`. In a script, one that nobody catches ends
+...) raises :class:`~spokes_lightning.utils.errors.UserError`. In a script, one that nobody catches ends
 the program with ONE line on stderr (``error: ...``) and exit code 2, no traceback: building a
 ``SelectionDataset`` or ``SelectionTrainerCallback`` installs that report
-(:func:`~spokes_lightning.errors.exit_on_uncaught_user_error`); ``with user_errors_exit():`` around
+(:func:`~spokes_lightning.utils.errors.exit_on_uncaught_user_error`); ``with user_errors_exit():`` around
 the script's body does the same explicitly. Code that catches ``UserError`` gets the exception.
 
 Online reselection (the model being trained picks what comes next) under the same ``Trainer``:
-:class:`~spokes_lightning.online.hf_trainer.OnlineTrainerSelection`, also importable from here.
+:class:`~spokes_lightning.integrations.online_hf_trainer.OnlineTrainerSelection`, also importable from here.
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..datamodule import (IGNORE_INDEX, Segment, _as_id_text_pairs, _tokenize, pack_documents,
-                          selected_copies, shard_documents)
-from ..errors import UserError, exit_on_uncaught_user_error
+from spokes_lightning.data.batches import (Segment, SelectedTokens, batch_bounds, every_rank_batch_has_targets,
+                                           plan_epoch, sequence_item)
+from spokes_lightning.utils.errors import UserError, exit_on_uncaught_user_error
+from spokes_lightning.utils.settings_hash import settings_hash
 
 __all__ = ["OnlineTrainerSelection", "SelectionDataset", "SelectionTrainerCallback", "find_selection_dataset"]
 
 
 def __getattr__(name: str):
     if name == "OnlineTrainerSelection":  # online reselection: imported on first use
-        from ..online.hf_trainer import OnlineTrainerSelection
+        from spokes_lightning.integrations.online_hf_trainer import OnlineTrainerSelection
 
         return OnlineTrainerSelection
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-int(a) // int(b))
-
-
-def _n_tokens(segments: list[Segment]) -> int:
-    return sum(stop - start for _, start, stop in segments)
 
 
 def _distributed_world() -> int | None:
@@ -111,28 +101,16 @@ class SelectionDataset(IterableDataset):
         exit_on_uncaught_user_error()
         if seq_length < 2 or batch_size < 1:
             raise UserError(f"seq_length must be >= 2 and batch_size >= 1, got {seq_length}, {batch_size}")
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is None:
-            raise UserError("the tokenizer has no EOS token (set tokenizer.eos_token)")
-        pairs = _as_id_text_pairs(documents, text_field)
-        copies = selected_copies(selection, [doc_id for doc_id, _ in pairs])
-        if not copies:
-            raise UserError("the selection is empty")
-        kept = [(doc_id, text) for doc_id, text in pairs if doc_id in copies]  # corpus order
-        tokens = _tokenize(tokenizer, [text for _, text in kept], int(eos))
-        self.copies = {doc_id: copies[doc_id] for doc_id, _ in kept}
-        self.ids = [doc_id for doc_id, _ in kept for _ in range(copies[doc_id])]
-        self.tokens = [t for (doc_id, _), t in zip(kept, tokens) for _ in range(copies[doc_id])]
-        self.lengths = np.array([len(t) for t in self.tokens], dtype=np.int64)
+        selected = SelectedTokens.build(documents, selection, tokenizer, text_field)
+        self.copies, self.ids, self.tokens = selected.copies, selected.ids, selected.tokens
+        self.lengths = selected.lengths
         self.seq_length, self.batch_size, self.seed = int(seq_length), int(batch_size), int(seed)
-        self.eos_id = int(eos)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_id = self.eos_id if pad is None else int(pad)
+        self.eos_id, self.pad_id = int(tokenizer.eos_token_id), selected.pad_id
         self._world_size = None if world_size is None else int(world_size)
         self.epoch = 0
         key = {"copies": sorted(self.copies.items()), "seed": self.seed,
                "seq_length": self.seq_length, "batch_size": self.batch_size}
-        self.fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.fingerprint = settings_hash(key, length=None)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -147,25 +125,13 @@ class SelectionDataset(IterableDataset):
         """Called by Accelerate's prepared loader (and so by the Trainer) before each epoch."""
         self.epoch = int(epoch)
 
-    def _bounds(self, world: int) -> tuple[int, int]:
-        """``(B, n_min)``: batches per rank per epoch, and a lower bound of any rank's sequences.
-
-        Dealing each document to the least-loaded rank keeps max - min load <= the longest
-        document L, so a rank holds at most ``(T + (W-1) L) / W`` tokens (and at least
-        ``(T - (W-1) L) / W``) in every epoch, whatever the shuffle."""
-        total, longest = int(self.lengths.sum()), int(self.lengths.max())
-        most = min(total, (total + (world - 1) * longest) // world)
-        least = max(0, _ceil(total - (world - 1) * longest, world))
-        return _ceil(_ceil(most, self.seq_length), self.batch_size), _ceil(least, self.seq_length)
-
     def batches_per_epoch(self, world: int | None = None) -> int:
         """``B``: the number of batches every rank gets in every epoch (= ``len(train_dataloader)``)."""
-        return self._bounds(world or self.world_size)[0]
+        return batch_bounds(self.lengths, world or self.world_size, self.seq_length, self.batch_size)[0]
 
     def every_rank_batch_has_targets(self, world: int | None = None) -> bool:
         """True when no rank can ever get a batch without a token to predict (any epoch)."""
-        n_batches, n_min = self._bounds(world or self.world_size)
-        return n_min >= n_batches + 1  # >= B+1 sequences: every batch real, the tail never alone
+        return every_rank_batch_has_targets(self.lengths, world or self.world_size, self.seq_length, self.batch_size)
 
     def __len__(self) -> int:
         world = self.world_size
@@ -174,62 +140,11 @@ class SelectionDataset(IterableDataset):
     # ------------------------------------------------------------------ plan
     def plan(self, epoch: int, world: int | None = None) -> list[list[list[list[Segment]]]]:
         """Per rank, per batch (``B`` of them), per sequence: its segments (``[]`` = padding)."""
-        world = world or self.world_size
-        n_batches = self.batches_per_epoch(world)
-        all_units = []
-        for doc_order in shard_documents(self.lengths, world, self.seed, epoch):
-            units = [[seq] for seq in pack_documents(doc_order, self.lengths, self.seq_length)]
-            if self.batch_size > 1 and len(units) > 1 and _n_tokens(units[-1][0]) < 2:
-                units[-2].append(units.pop()[0])  # a 1-token tail (nothing to predict) rides along
-            all_units.append(units)
-        # A rank with fewer units than batches fills a run of consecutive batches. The runs are laid
-        # side by side after the batches the full ranks already cover (runs ending in a unit with
-        # nothing to predict first; the next run starts on that unit's batch, a run never passes
-        # the last batch), so that every batch index has a target on some rank whenever possible.
-        good_end = [bool(units) and any(_n_tokens(q) >= 2 for q in units[-1]) for units in all_units]
-        full = [r for r, units in enumerate(all_units) if len(units) >= n_batches]
-        covered = n_batches if any(good_end[r] for r in full) else n_batches - 1 if full else 0
-        first = {}
-        for r in sorted(set(range(world)) - set(full), key=lambda r: (good_end[r], r)):
-            n = len(all_units[r])
-            first[r] = min(covered, n_batches - n)
-            covered = max(covered, first[r] + n - (0 if good_end[r] or not n else 1))
-        plan = []
-        for r, units in enumerate(all_units):
-            n = len(units)
-            if r in first:
-                slots, sizes = range(first[r], first[r] + n), [1] * n
-            else:  # contiguous groups; the smaller ones last, so a merged tail still fits
-                small, extra = divmod(n, n_batches)
-                slots, sizes = range(n_batches), [small + 1] * extra + [small] * (n_batches - extra)
-            batches: list[list[list[Segment]]] = [[] for _ in range(n_batches)]
-            start = 0
-            for b, k in zip(slots, sizes):
-                batches[b], start = [seq for unit in units[start : start + k] for seq in unit], start + k
-            plan.append([batch + [[]] * (self.batch_size - len(batch)) for batch in batches])
-        if not self.every_rank_batch_has_targets(world):
-            for b in range(n_batches):
-                if not any(_n_tokens(seq) >= 2 for rank in plan for seq in rank[b]):
-                    raise UserError(
-                        f"epoch {epoch}: batch {b} has no token to predict on any rank (the selection has "
-                        f"{int(self.lengths.sum())} tokens for {world} rank(s) x batch_size {self.batch_size} "
-                        f"x seq_length {self.seq_length}); use another seq_length"
-                        + (" or a smaller batch_size" if self.batch_size > 1 else ""))
-        return plan
+        return plan_epoch(self.lengths, world or self.world_size, self.seed, epoch, self.seq_length, self.batch_size)
 
     def sequence(self, segments: list[Segment]) -> dict[str, torch.Tensor]:
         """One training item: the tokens of ``segments``, right-padded to ``seq_length``."""
-        input_ids = torch.full((self.seq_length,), self.pad_id, dtype=torch.long)
-        labels = torch.full((self.seq_length,), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros(self.seq_length, dtype=torch.long)
-        col = 0
-        for d, start, stop in segments:
-            piece = torch.from_numpy(self.tokens[d][start:stop].astype(np.int64))
-            input_ids[col : col + len(piece)] = piece
-            labels[col : col + len(piece)] = piece
-            mask[col : col + len(piece)] = 1
-            col += len(piece)
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        return sequence_item(self.tokens, segments, self.seq_length, self.pad_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         world = self.world_size

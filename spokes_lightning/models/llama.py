@@ -16,9 +16,9 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from ..errors import UserError
-from ..features.hub import load_pretrained
-from ..progress import BAR_SETTINGS
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.data.hub import load_pretrained
+from spokes_lightning.utils.progress import BAR_SETTINGS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -82,7 +82,7 @@ def causal_lm_loss(model, batch) -> torch.Tensor:
 
     * ``(input_ids,)`` packed blocks (labels = inputs, shifted by the model);
     * a Hugging Face dict ``{"input_ids", "labels", "attention_mask"}`` as served by
-      :class:`~spokes_lightning.datamodule.SelectedDataModule` and the HF ``SelectionDataset``:
+      :class:`~spokes_lightning.integrations.lightning.SelectedDataModule` and the HF ``SelectionDataset``:
       ``labels`` are NOT shifted (token ``t + 1`` is the target at ``t``), ``-100`` marks no target,
       and a position with ``attention_mask == 0`` is never a target. ``labels`` default to
       ``input_ids``; other keys (``doc_ids``, ``segments``) are ignored;
@@ -141,7 +141,7 @@ class CausalLMModule(pl.LightningModule):
 
     Batches: any of :func:`causal_lm_loss` (packed ``(input_ids,)`` blocks, the
     ``input_ids``/``labels``/``attention_mask`` batches of
-    :class:`~spokes_lightning.datamodule.SelectedDataModule`, or Megatron samples)::
+    :class:`~spokes_lightning.integrations.lightning.SelectedDataModule`, or Megatron samples)::
 
         trainer.fit(CausalLMModule(model, lr=3e-4, weight_decay=0.1), datamodule=SelectedDataModule(...))
 
@@ -184,7 +184,7 @@ class CausalLMModule(pl.LightningModule):
 
 
 class StderrTrainingBar(TQDMProgressBar):
-    """Lightning's training bar on stderr, with the settings of :func:`spokes_lightning.progress.progress`."""
+    """Lightning's training bar on stderr, with the settings of :func:`spokes_lightning.utils.progress.progress`."""
 
     def init_train_tqdm(self):
         return Tqdm(desc=self.train_description, disable=self.is_disabled, leave=True,

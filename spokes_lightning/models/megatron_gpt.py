@@ -1,14 +1,14 @@
 """megatron-core's ``GPTModel`` as a LightningModule: the local pretraining model.
 
 The architecture comes from the SAME Megatron-LM flags the exported launch script passes
-(:func:`spokes_lightning.megatron_launch.megatron_llama_args`, read back by
-:func:`~spokes_lightning.megatron_launch.gpt_model_settings`), at a smaller size. The optimiser
+(:func:`spokes_lightning.megatron.launch_script.megatron_llama_args`, read back by
+:func:`~spokes_lightning.megatron.launch_script.gpt_model_settings`), at a smaller size. The optimiser
 follows those flags too: Adam(W) with ``--adam-beta1/2``, ``--weight-decay`` on matrices only
 (Megatron exempts biases and norm weights), constant ``--lr``, ``--clip-grad``.
 
 At the end of training every rank takes part in writing a Megatron-LM checkpoint
 (torch_dist format, ``latest_checkpointed_iteration.txt``, saved ``args``), so what the local
-comparison evaluates has come back through :mod:`spokes_lightning.megatron_convert`, the path a
+comparison evaluates has come back through :mod:`spokes_lightning.megatron.convert`, the path a
 paper-scale Megatron run takes.
 """
 from __future__ import annotations
@@ -50,8 +50,8 @@ class MegatronGPTModule(L.LightningModule):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        from ..megatron_launch import gpt_model_settings
-        from ..megatron_runtime import megatron_on_cpu
+        from spokes_lightning.megatron.launch_script import gpt_model_settings
+        from spokes_lightning.megatron.runtime import megatron_on_cpu
 
         self._megatron = ExitStack()
         self._megatron.enter_context(megatron_on_cpu())
@@ -84,7 +84,7 @@ class MegatronGPTModule(L.LightningModule):
 
     def on_train_end(self):
         if self.save_dir is not None:
-            from ..megatron_checkpoint import megatron_args_namespace, save_megatron_checkpoint
+            from spokes_lightning.megatron.checkpoint import megatron_args_namespace, save_megatron_checkpoint
 
             args = megatron_args_namespace(self.flags, self.vocab_size)
             save_megatron_checkpoint(self.model, args, self.save_dir, int(self.trainer.global_step))

@@ -8,10 +8,10 @@ megatron-core's ``GPTDataset`` (the same shuffling and sequence packing Megatron
 SAME number of tokens, at a constant learning rate. Only the data differs.
 
 The model is megatron-core's ``GPTModel`` built from the launch script's own flags
-(:func:`~spokes_lightning.megatron_launch.megatron_llama_args` at a smaller shape,
+(:func:`~spokes_lightning.megatron.launch_script.megatron_llama_args` at a smaller shape,
 :class:`~spokes_lightning.models.megatron_gpt.MegatronGPTModule`). Training ends with a
 Megatron-LM checkpoint (``megatron/``, torch_dist), which
-:func:`~spokes_lightning.megatron_convert.convert_megatron_checkpoint` turns into the Hugging
+:func:`~spokes_lightning.megatron.convert.convert_megatron_checkpoint` turns into the Hugging
 Face ``model/`` that validation loss and evaluation read: every local run takes the way back a
 paper-scale Megatron run takes.
 
@@ -32,13 +32,13 @@ from typing import Sequence
 import lightning as L
 import torch
 
-from ..atomic import write_json_atomic, write_text_atomic
-from ..errors import UserError
-from ..megatron_data import build_gpt_dataset, indexed_dataset_stats, require_megatron_prefix
-from ..megatron_launch import LLAMA_3_2_1B, megatron_llama_args
-from .llama import StderrTrainingBar, llama_config
-from .megatron_gpt import MegatronGPTModule
-from .pretrain_record import PretrainResult, curve_to_csv, load_cached, read_curve, run_hashes, sample_index_dir
+from spokes_lightning.utils.atomic import write_json_atomic, write_text_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.megatron.dataset import build_gpt_dataset, indexed_dataset_stats, require_megatron_prefix
+from spokes_lightning.megatron.launch_script import LLAMA_3_2_1B, megatron_llama_args
+from spokes_lightning.models.llama import StderrTrainingBar, llama_config
+from spokes_lightning.models.megatron_gpt import MegatronGPTModule
+from spokes_lightning.models.pretrain_record import PretrainResult, curve_to_csv, load_cached, read_curve, run_hashes, sample_index_dir
 
 
 # ----------------------------------------------------------------------------- data
@@ -226,7 +226,7 @@ def local_megatron_flags(shape, *, seq_length: int, batch_size: int, steps: int,
 
 def _convert_checkpoint(checkpoint_dir: Path, tokenizer, vocab: int, model_dir: Path) -> None:
     """Megatron checkpoint -> ``LlamaForCausalLM`` (+ tokenizer) in ``model_dir``, through a temp dir."""
-    from ..megatron_convert import convert_megatron_checkpoint
+    from spokes_lightning.megatron.convert import convert_megatron_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=model_dir.parent))
     try:
@@ -254,7 +254,7 @@ def save_model(model, tokenizer, model_dir: Path) -> None:
 
 def _finish(out_dir, model_dir, metrics_path, wanted, steps, tokens_per_step, prefix,
             tokenizer, val_documents, seq_length) -> PretrainResult:
-    from ..evaluation.val_loss import validation_loss
+    from spokes_lightning.models.val_loss import validation_loss
 
     curve = read_curve(metrics_path)
     val = None

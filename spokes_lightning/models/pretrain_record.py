@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from spokes_lightning.utils.settings_hash import canonical_json
+
 CURVE_FIELDS = ("step", "tokens_seen", "loss", "lr")
 
 
@@ -67,7 +69,7 @@ def run_hashes(settings: dict, prefix: str, val_documents) -> tuple[str, str]:
 
     One pass over the ``.idx`` / ``.bin`` bytes gives both.
     """
-    config = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    config = hashlib.sha256(canonical_json(settings).encode())
     data = hashlib.sha256()
     for suffix in (".idx", ".bin"):
         _file_digest(prefix + suffix, config, data)

@@ -22,10 +22,11 @@ from typing import Iterable, Sequence
 import lightning.pytorch as pl
 import torch
 
-from ..atomic import write_json_atomic
-from ..errors import UserError
-from .llama import CausalLMModule, StderrTrainingBar, build_llama, llama_config
-from .tokenizer import corpus_hash, load_tokenizer
+from spokes_lightning.utils.atomic import write_json_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.models.llama import CausalLMModule, StderrTrainingBar, build_llama, llama_config
+from spokes_lightning.data.batches import full_blocks, tokenize_documents
+from spokes_lightning.models.tokenizer import corpus_hash, load_tokenizer
 
 DONE_FILE = "done.json"
 PROXY_FORMAT = 1
@@ -80,26 +81,20 @@ def document_texts(documents: Iterable) -> list[str]:
     return [d if isinstance(d, str) else d.text for d in documents]
 
 
-def pack_documents(texts: Sequence[str], tokenizer, max_length: int) -> torch.Tensor:
+def pack_blocks(texts: Sequence[str], tokenizer, max_length: int) -> torch.Tensor:
     """Pack the corpus into ``[n_blocks, max_length]`` token blocks (section 4.3 truncation).
 
-    Each document is truncated to ``max_length - 1`` tokens and followed by eos; the stream
-    is cut into full blocks, dropping the final partial block.
+    Each non-empty document is truncated to ``max_length - 1`` tokens and followed by eos; the
+    stream is cut into full blocks (:func:`spokes_lightning.data.batches.full_blocks`), dropping
+    the final partial block.
     """
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                        max_length=max_length - 1)["input_ids"]
-    for ids in encoded:
-        if ids:
-            stream.extend(ids)
-            stream.append(eos)
-    n_blocks = len(stream) // max_length
-    if n_blocks == 0:
-        raise UserError(
-            f"corpus too small to train a proxy: {len(stream)} tokens < one block of {max_length}"
-        )
-    return torch.tensor(stream[: n_blocks * max_length], dtype=torch.long).view(n_blocks, max_length)
+    tokens = tokenize_documents(tokenizer, list(texts), int(tokenizer.eos_token_id), max_tokens=max_length - 1,
+                                label="tokenize proxy corpus")
+    blocks = full_blocks([t for t in tokens if len(t) > 1], max_length)
+    if len(blocks) == 0:
+        n = sum(len(t) for t in tokens if len(t) > 1)
+        raise UserError(f"corpus too small to train a proxy: {n} tokens < one block of {max_length}")
+    return blocks
 
 
 # --------------------------------------------------------------------------- training
@@ -173,7 +168,7 @@ def train_proxy(
     if done is not None and {k: done.get(k) for k in identity} == identity:
         return out_dir
 
-    blocks = pack_documents(texts, tokenizer, max_length)
+    blocks = pack_blocks(texts, tokenizer, max_length)
     steps_per_epoch = math.ceil(len(blocks) / (batch_size * int(devices)))
     total_steps = min(max_steps or math.inf, steps_per_epoch * epochs)  # max_steps only caps
     pl.seed_everything(seed, workers=True, verbose=False)

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from ..atomic import write_json_atomic
-from ..errors import UserError
-from ..features.hub import load_pretrained
+from spokes_lightning.utils.atomic import write_json_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.data.hub import load_pretrained
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

@@ -2,22 +2,14 @@
 
 Reading order: :mod:`.objective` (the objective of trained-on + new picks, greedy picks),
 :mod:`.plan` (segments, windows, how picks become batches), :mod:`.sketch` (gradient sketches of
-the live model), :mod:`.reselect` (the rules: online / random / static), then the adapters
-:mod:`.lightning` and :mod:`.hf_trainer` (``OnlineTrainerSelection``: a stock ``transformers.Trainer``).
+the live model), :mod:`.reselect` (the rules: online / random / static). The training-loop adapters
+live with the other integrations: :mod:`spokes_lightning.integrations.online_lightning`
+(``build_reselector``) and :mod:`spokes_lightning.integrations.online_hf_trainer`
+(``OnlineTrainerSelection``: a stock ``transformers.Trainer``).
 """
-from .objective import TrainedOnGram, greedy_window_picks, online_objective
-from .plan import OnlinePlan, OnlineStreamDataset, SegmentFiller
-from .reselect import MODES, OnlineReselector
+from spokes_lightning.online.objective import TrainedOnGram, greedy_window_picks, online_objective
+from spokes_lightning.online.plan import OnlinePlan, OnlineStreamDataset, SegmentFiller
+from spokes_lightning.online.reselect import MODES, OnlineReselector
 
-__all__ = ["MODES", "OnlinePlan", "OnlineReselector", "OnlineStreamDataset", "OnlineTrainerSelection",
-           "SegmentFiller", "TrainedOnGram", "build_reselector", "greedy_window_picks", "online_objective"]
-
-_LAZY = {"OnlineTrainerSelection": "hf_trainer", "build_reselector": "lightning"}  # import transformers / lightning
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["MODES", "OnlinePlan", "OnlineReselector", "OnlineStreamDataset", "SegmentFiller", "TrainedOnGram",
+           "greedy_window_picks", "online_objective"]

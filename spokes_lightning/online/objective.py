@@ -14,7 +14,7 @@ the n x n kernel, paper section 3.1 "computing Vendi from the d x d matrix"). ``
 d x d work, whatever ``|T|``.
 
 Picking ``P`` is the toolkit's greedy rounding applied to this objective
-(:func:`spokes_lightning.rounding.set_gain_scores`, the optimizer's own gradient at the current
+(:func:`spokes_lightning.core.rounding.set_gain_scores`, the optimizer's own gradient at the current
 set): in blocks of ``block`` documents, each block the best first-order gains given ``G_T + G_P``
 so far, until :meth:`SegmentFiller.full` says the picks fill the next training segment.
 """
@@ -24,9 +24,9 @@ import math
 
 import numpy as np
 
-from ..errors import UserError
-from ..rounding import set_gain_scores
-from ..vendi import EIGEN_FLOOR, spectrum_entropy
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.core.rounding import set_gain_scores
+from spokes_lightning.core.vendi import EIGEN_FLOOR, spectrum_entropy
 
 
 def unit_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,26 +6,29 @@ candidate pool, windows of ``window`` documents, never revisited), in pick order
 hold ``R x global_batch x seq_length`` tokens (:class:`SegmentFiller`; the same rule at every world
 size, so the picks never depend on the number of ranks). Then, identically on every rank:
 
-1. the picks are dealt in pick order to the rank holding the fewest tokens (ties -> lower rank);
-2. each rank packs its documents (tokens + one EOS each, :func:`spokes_lightning.datamodule.pack_documents`)
+1. the picks are dealt in pick order to the rank holding the fewest tokens (ties -> lower rank:
+   :func:`spokes_lightning.data.batches.deal_to_ranks`, the deal of the static loaders);
+2. each rank packs its documents (tokens + one EOS each, :func:`spokes_lightning.data.batches.pack_documents`)
    into ``seq_length`` sequences and keeps the first ``R x local_batch``; a rank that falls short
    gets whole padding sequences (loss mask 0) and the tail past the segment is not trained on;
 3. step ``i`` of the segment takes sequences ``i, i + R, i + 2R, ...`` (padding spread over steps).
+
+Batches have the schema of every other loader (:func:`spokes_lightning.data.batches.collate`):
+``input_ids``, ``labels`` (``-100`` on padding, shifted by the model) and ``attention_mask``.
 
 Segments are planned one ahead of training (two before the first step), so the data loaders'
 look-ahead never reaches a segment that a reselection has not planned yet.
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..datamodule import pack_documents
-from ..errors import UserError
+from spokes_lightning.data.batches import collate, deal_to_ranks, pack_documents, sequence_item
+from spokes_lightning.utils.errors import UserError
 
 Sequence_ = list[tuple[int, int, int]]  # (pool index, token start, token stop) pieces of one sequence
 
@@ -109,12 +112,7 @@ class OnlinePlan:
             raise UserError(f"training reached segment {s} but only {len(self.segments)} are planned: "
                             "the online reselection callback must be in the trainer's callbacks")
         local = self.global_batch // world
-        heap = [(0, r) for r in range(world)]
-        shards: list[list[int]] = [[] for _ in range(world)]
-        for d in self.segments[s]:
-            tokens, r = heapq.heappop(heap)
-            shards[r].append(d)
-            heapq.heappush(heap, (tokens + int(self.lengths[d]), r))
+        shards = deal_to_ranks(self.segments[s], self.lengths, world)
         sequences = pack_documents(shards[rank], self.lengths, self.seq_length)[: self.steps_per_segment * local]
         return sequences + [[] for _ in range(self.steps_per_segment * local - len(sequences))]
 
@@ -122,25 +120,13 @@ class OnlinePlan:
         s, i = divmod(step, self.steps_per_segment)
         return self.rank_sequences(s, rank, world)[i :: self.steps_per_segment]
 
-    def sequence_arrays(self, sequence: Sequence_) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens [seq_length], loss mask [seq_length]): labels are tokens shifted by one in
-        :func:`collate`; padding and a sequence's last position carry no loss."""
-        tokens = np.full(self.seq_length, self.pad_id, dtype=np.int64)
-        col = 0
-        for d, start, stop in sequence:
-            tokens[col : col + stop - start] = self.tokens[d][start:stop]
-            col += stop - start
-        mask = np.zeros(self.seq_length, dtype=np.float32)
-        mask[: max(col - 1, 0)] = 1.0
-        return tokens, mask
+    def item(self, sequence: Sequence_) -> dict[str, torch.Tensor]:
+        """One sequence in the batch schema (:func:`spokes_lightning.data.batches.sequence_item`)."""
+        return sequence_item(self.tokens, sequence, self.seq_length, self.pad_id)
 
     def collate(self, sequences: list[Sequence_]) -> dict[str, Any]:
-        """A Megatron-style batch (``tokens``, ``labels`` = next token, ``loss_mask``)."""
-        arrays = [self.sequence_arrays(s) for s in sequences]
-        tokens = torch.from_numpy(np.stack([a[0] for a in arrays]))
-        mask = torch.from_numpy(np.stack([a[1] for a in arrays]))
-        labels = torch.roll(tokens, -1, dims=1)
-        return {"tokens": tokens, "labels": labels, "loss_mask": mask}
+        """A batch in the schema of every loader (``input_ids``, ``labels``, ``attention_mask``, ...)."""
+        return collate(self.tokens, self.ids, sequences, self.seq_length, self.pad_id)
 
     def trained_on(self, world: int) -> list[str]:
         """Ids of the documents with at least one token in a trained (non-padding) position."""

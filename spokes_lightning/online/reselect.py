@@ -24,10 +24,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import distributed as D
-from ..errors import UserError
-from .objective import TrainedOnGram, greedy_window_picks, unit_rows
-from .plan import OnlinePlan, SegmentFiller
+from spokes_lightning.core import distributed as D
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.online.objective import TrainedOnGram, greedy_window_picks, unit_rows
+from spokes_lightning.online.plan import OnlinePlan, SegmentFiller
 
 MODES = ("online", "random", "static")
 FALLBACKS = ("random", "static")
@@ -163,7 +163,7 @@ class OnlineReselector:
         if not self.due(step) or segment >= self.plan.n_segments or segment < len(self.plan.segments):
             return None
         if self.mode == "online" and self.sketcher is None:
-            from .sketch import LiveGradientSketcher
+            from spokes_lightning.online.sketch import LiveGradientSketcher
 
             self.sketcher = LiveGradientSketcher(model, tokenizer, **self.sketch_settings)
         self._plan_segment(segment, step)

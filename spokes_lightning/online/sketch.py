@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed as D
+from spokes_lightning.core import distributed as D
 
 
 @contextmanager
@@ -41,7 +41,7 @@ class LiveGradientSketcher:
 
     def __init__(self, model: nn.Module, tokenizer, *, n_layers: int = 2, k: int = 512, seed: int = 0,
                  max_length: int = 128, batch_size: int = 16):
-        from ..features.gradients import ProxyGradientModule
+        from spokes_lightning.features.gradients import ProxyGradientModule
 
         self.model, self.batch_size = model, int(batch_size)
         with training_state_kept(model):

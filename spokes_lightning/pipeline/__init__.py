@@ -4,4 +4,4 @@
 plain list of stages (:data:`STAGES`), each a small class with one ``run`` method, cached in
 ``run_dir`` by a hash of its settings and of its upstream stages.
 """
-from .stage import RunContext, Stage, run_pipeline  # noqa: F401
+from spokes_lightning.pipeline.stage import RunContext, Stage, run_pipeline  # noqa: F401

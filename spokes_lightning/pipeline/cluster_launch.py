@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..atomic import write_text_atomic
+from spokes_lightning.utils.atomic import write_text_atomic
 
 
 def _command(overrides: list[str]) -> str:
@@ -30,7 +30,7 @@ MASTER_ADDR="${{MASTER_ADDR:-localhost}}"
 MASTER_PORT="${{MASTER_PORT:-29511}}"
 exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC" \\
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${{RDZV_ID:-spokes}}" \\
-  -m spokes_lightning.launch {_command(overrides)} "$@"
+  -m spokes_lightning.cli.run {_command(overrides)} "$@"
 """
 
 
@@ -50,7 +50,7 @@ set -euo pipefail
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 srun torchrun --nnodes "$SLURM_NNODES" --nproc-per-node {int(cluster.processes_per_node)} \\
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:29511" --rdzv-id "$SLURM_JOB_ID" \\
-  -m spokes_lightning.launch {_command(overrides)}
+  -m spokes_lightning.cli.run {_command(overrides)}
 """
 
 

@@ -5,15 +5,15 @@ import json
 
 import numpy as np
 
-from ..atomic import save_npy_atomic
-from ..corpus import Document
-from ..data.document_store import DocumentStore, open_document_store
-from ..data.id_index import IdIndex
-from ..data.ingest import IngestSettings, ingest
-from ..errors import UserError
-from ..progress import progress
-from .preflight import document_limit
-from .stage import RunContext, Stage, log, to_plain
+from spokes_lightning.utils.atomic import save_npy_atomic
+from spokes_lightning.data.corpus import Document
+from spokes_lightning.data.document_store import DocumentStore, open_document_store
+from spokes_lightning.data.id_index import IdIndex
+from spokes_lightning.data.ingest import IngestSettings, ingest
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.utils.progress import progress
+from spokes_lightning.pipeline.preflight import check_pool_budget, document_limit, hub_resource
+from spokes_lightning.pipeline.stage import RunContext, Stage, log, to_plain
 
 
 def pool_documents(ctx: RunContext) -> DocumentStore:
@@ -76,6 +76,23 @@ class CorpusStage(Stage):
     name = "corpus"
     all_ranks = True  # input files and pool shards are split over the ranks (data/ingest.py)
 
+    def check(self, cfg):
+        data = cfg.data
+        document_limit(data.get("limit"), "data.limit")
+        if data.paths:
+            from spokes_lightning.data.corpus import read_documents, resolve_paths
+
+            resolve_paths(list(data.paths))  # missing files: one line
+            read_documents(list(data.paths), text_field=data.text_field, id_field=data.id_field, limit=1)
+        elif data.get("hub") and data.hub.get("name"):
+            from spokes_lightning.data.hub import hub_is_reachable
+
+            if not hub_is_reachable():
+                raise UserError(f"cannot stream hub dataset '{data.hub.name}': the Hugging Face Hub is unreachable "
+                                "(offline); point data.paths=[...] at local .jsonl/.jsonl.gz/.parquet copies")
+        else:
+            raise UserError("no data: set data.paths=[...] (local jsonl/jsonl.gz/parquet) or data.hub.name")
+
     def settings(self, cfg):
         # data.workers changes who does the work, not what is written
         data = {k: v for k, v in to_plain(cfg.data).items() if k != "workers"}
@@ -94,8 +111,6 @@ class CorpusStage(Stage):
     def run(self, ctx):
         settings = ingest_settings(ctx.cfg)
         summary = ingest(settings, ctx.run_dir / "corpus", workers=int(ctx.cfg.data.get("workers") or 1))
-        from .preflight import check_pool_budget
-
         check_pool_budget(ctx.cfg, summary["n_pool"])
         ctx.documents.clear()  # later stages open the stores
         skipped, empty = summary["skipped_records"], summary["empty_texts"]
@@ -108,7 +123,7 @@ class CorpusStage(Stage):
 
 def export_tokenizer(ctx: RunContext):
     """The tokenizer stage's tokenizer (export, pretraining), loaded from the run directory."""
-    from ..models.tokenizer import load_tokenizer
+    from spokes_lightning.models.tokenizer import load_tokenizer
 
     return load_tokenizer(ctx.run_dir / ctx.output("tokenizer")["dir"])
 
@@ -141,6 +156,9 @@ class TokenizerStage(Stage):
     name = "tokenizer"
     needs = ("corpus",)
 
+    def check(self, cfg):
+        hub_resource(cfg.tokenizer.path, "tokenizer.path", "tokenizer")
+
     def settings(self, cfg):
         return cfg.tokenizer
 
@@ -148,7 +166,7 @@ class TokenizerStage(Stage):
         return [outputs["dir"], outputs["lengths"]]
 
     def run(self, ctx):
-        from ..models.tokenizer import load_tokenizer, train_tokenizer
+        from spokes_lightning.models.tokenizer import load_tokenizer, train_tokenizer
 
         cfg = ctx.cfg.tokenizer
         out = ctx.path("tokenizer", "x").parent
@@ -173,6 +191,9 @@ class ProxyStage(Stage):
     volatile = ("done.json",)  # train_seconds
     needs = ("corpus", "tokenizer")
 
+    def check(self, cfg):
+        hub_resource(cfg.proxy.model, "proxy.model", "proxy model")
+
     def settings(self, cfg):
         settings = {"model": cfg.proxy.model, "train": cfg.proxy.train, "seed": cfg.seed}
         if cfg.proxy.get("sample_documents") is not None:
@@ -185,11 +206,11 @@ class ProxyStage(Stage):
     def run(self, ctx):
         cfg = ctx.cfg.proxy
         if cfg.model:
-            from ..models.llama import load_causal_lm
+            from spokes_lightning.models.llama import load_causal_lm
 
             load_causal_lm(cfg.model)  # fail now, clearly, rather than in the features stage
             return {"model": str(cfg.model), "trained": False}
-        from ..models.proxy_training import train_proxy
+        from spokes_lightning.models.proxy_training import train_proxy
 
         out = ctx.path("proxy", "x").parent
         sample = training_sample(pool_documents(ctx), cfg.get("sample_documents"), int(ctx.cfg.seed),

@@ -1,10 +1,12 @@
-"""Stage 3: features. Every registered feature family (:mod:`spokes_lightning.features.registry`):
+"""Stage 3: features. Every registered feature family (:mod:`spokes_lightning.pipeline.feature_registry`):
 gradient sketches (and an independent-seed copy for honest scoring), sentence embeddings and
 quality scores, each a chunked, resumable feature store or a score file."""
 from __future__ import annotations
 
-from ..features.registry import check_quality_source, families
-from .stage import Stage
+from spokes_lightning.pipeline.families import all_families as families
+from spokes_lightning.pipeline.feature_registry import check_quality_source
+from spokes_lightning.pipeline.preflight import hub_resource
+from spokes_lightning.pipeline.stage import Stage
 
 
 class FeaturesStage(Stage):
@@ -18,6 +20,16 @@ class FeaturesStage(Stage):
         for family in families():
             settings.update(family.settings(cfg))
         return settings
+
+    def check(self, cfg):
+        registered = families()
+        check_quality_source(cfg, registered)
+        for family in registered:
+            if family.enabled(cfg):
+                family.check(cfg)
+        hub_resource(cfg.embeddings.model, "embeddings.model", "embedding model")
+        if cfg.quality.source == "classifier":
+            hub_resource(cfg.quality.model, "quality.model", "quality classifier")
 
     def handed_on(self, outputs):
         return [path for family in families() for path in family.handed_on(outputs)]

@@ -6,16 +6,16 @@ problem does not depend on k, so one optimization serves every k.
 Fig 4 (paper section 6.2): random vs SPOKES under two representations, gradient features and
 embeddings, with SPOKES run on each representation and each subset scored in its own.
 Table 1 (paper section 4.1) and Fig 5 (paper section 4.2, appendix A): the calibration studies
-of :mod:`spokes_lightning.calibration` on the run's own proxy and pool documents.
+of :mod:`spokes_lightning.pipeline.calibration` on the run's own proxy and pool documents.
 The paper's own numbers for these are in ``paper_figures.json`` (:func:`paper_figures`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..rounding import ROUNDING_RULES, round_weights
-from ..spokes import run_spokes
-from ..vendi import UnitRows, vendi_score
+from spokes_lightning.core.rounding import ROUNDING_RULES, round_weights
+from spokes_lightning.core.spokes import run_spokes
+from spokes_lightning.core.vendi import UnitRows, vendi_score
 
 
 def _quiet(msg: str) -> None:
@@ -87,10 +87,10 @@ def calibration_draw(n: int, count: int, seed: int) -> np.ndarray:
 def table1_study(proxy, max_layers: int, method: str, k: int, seed: int, include_head: bool = True) -> dict:
     """Paper Table 1 on the run's proxy: Spearman of the last-n-layer kernels against the full one.
 
-    ``proxy`` is a :class:`spokes_lightning.calibration.ProxyContext` over the documents; n runs
+    ``proxy`` is a :class:`spokes_lightning.pipeline.calibration.ProxyContext` over the documents; n runs
     from 1 to ``max_layers`` or the proxy's depth, whichever is smaller.
     """
-    from ..calibration import layers_study
+    from spokes_lightning.pipeline.calibration import layers_study
 
     depth = proxy.n_model_layers
     rows = layers_study(proxy, min(int(max_layers), depth), method, int(k), seed, include_head)
@@ -101,7 +101,7 @@ def table1_study(proxy, max_layers: int, method: str, k: int, seed: int, include
 def fig5_study(reference: np.ndarray, k_values, fractions, seed: int) -> list[dict]:
     """Paper Fig. 5 (appendix A): overlap (%) of the diversity-only SPOKES subset of each JL map
     of ``reference`` to k dims with the subset of ``reference`` itself, per selection fraction."""
-    from ..calibration import k_overlap_rows
+    from spokes_lightning.pipeline.calibration import k_overlap_rows
 
     return k_overlap_rows(np.asarray(reference, dtype=np.float32), [int(k) for k in k_values],
                           [float(f) for f in fractions], seed, log=_quiet)
@@ -124,7 +124,7 @@ def calibration_studies(ctx, pool) -> dict:
     among Fig. 5's). Table 1 needs the proxy; Fig. 5's reference rows are a fresh proxy sketch at
     ``k_ref`` (``k_ref`` null, or imported gradient features: the run's own gradient features).
     """
-    from .data_stages import documents_by_ids
+    from spokes_lightning.pipeline.data_stages import documents_by_ids
 
     cfg = ctx.cfg
     seed = int(cfg.seed)
@@ -144,7 +144,7 @@ def calibration_studies(ctx, pool) -> dict:
     rows = np.sort(draw)  # the union of both studies' documents, in pool order
     proxy, docs = None, []
     if need_proxy:
-        from ..calibration import ProxyContext
+        from spokes_lightning.pipeline.calibration import ProxyContext
 
         docs = documents_by_ids(ctx, [pool.ids[i] for i in rows])
         proxy = ProxyContext.from_texts(model, None, [d.id for d in docs], [d.text for d in docs], 2)
@@ -173,7 +173,7 @@ def _table1(proxy, settings, include_head: bool, seed: int) -> dict:
         if need_gb > limit:
             return {"skipped": f"exact gradients of {len(proxy.ids)} documents x {params:,} parameters would hold "
                                f"{need_gb:.1f} GiB (report.table1.max_gradient_gb = {limit:g}); set "
-                               "report.table1.method: dense or use `python -m spokes_lightning.calibration layers`"}
+                               "report.table1.method: dense or use `python -m spokes_lightning.pipeline.calibration layers`"}
     result = table1_study(proxy, int(settings.max_layers), method, int(settings.get("k") or 8192), seed,
                           include_head)
     return result
@@ -182,7 +182,7 @@ def _table1(proxy, settings, include_head: bool, seed: int) -> dict:
 def _fig5(pool, rows, proxy, settings, k_ref, grads, seed: int) -> dict:
     fractions = [float(f) for f in settings.fractions]
     if proxy is not None:
-        from ..calibration import reference_sketch
+        from spokes_lightning.pipeline.calibration import reference_sketch
 
         reference = reference_sketch(proxy, int(grads.n_layers), str(grads.projection), k_ref, seed,
                                      include_head=bool(grads.include_head))

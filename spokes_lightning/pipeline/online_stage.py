@@ -18,17 +18,18 @@ Each arm's result is cached under ``online/<arm>/`` (a killed stage resumes afte
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_json_atomic, write_text_atomic
-from ..errors import UserError
-from .data_stages import export_tokenizer, pool_documents, validation_documents
-from .stage import RunContext, Stage, log, to_plain
+from spokes_lightning.utils.atomic import write_json_atomic, write_text_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.pipeline.report_online import comparison_table
+from spokes_lightning.pipeline.data_stages import export_tokenizer, pool_documents, validation_documents
+from spokes_lightning.pipeline.stage import RunContext, Stage, log, to_plain
+from spokes_lightning.utils.settings_hash import settings_hash
 
 SCORE_SEED_OFFSET = 1_000_003  # the scoring projection's seed: cfg.seed + this, used by no arm
 
@@ -47,8 +48,8 @@ def _quality(ctx: RunContext) -> dict[str, float] | None:
     feats = ctx.output("features")
     if not feats.get("quality"):
         return None
-    from ..data.id_arrays import IdArray, id_array
-    from ..features.registry import read_ids
+    from spokes_lightning.data.id_arrays import IdArray, id_array
+    from spokes_lightning.pipeline.feature_registry import read_ids
 
     ids = list(IdArray(id_array(read_ids(ctx.run_dir / feats["quality_ids"]))))
     return dict(zip(ids, np.load(ctx.run_dir / feats["quality"]).astype(float).ravel().tolist()))
@@ -59,14 +60,14 @@ def train_arm(ctx: RunContext, arm: str, out_dir: Path, static_ids) -> dict:
     import lightning as L
     import torch
 
-    from ..evaluation.val_loss import validation_loss
-    from ..models.llama import CausalLMModule, StderrTrainingBar, build_llama
-    from ..models.pretrain import pretrain_llama_config, save_model
-    from ..online.lightning import OnlineReselectionCallback, OnlineSelectionDataModule
+    from spokes_lightning.models.val_loss import validation_loss
+    from spokes_lightning.models.llama import CausalLMModule, StderrTrainingBar, build_llama
+    from spokes_lightning.models.pretrain import pretrain_llama_config, save_model
+    from spokes_lightning.integrations.online_lightning import OnlineReselectionCallback, OnlineSelectionDataModule
 
     cfg, o, p = ctx.cfg, ctx.cfg.online, ctx.cfg.pretrain
-    key = hashlib.sha256(json.dumps({"arm": arm, "online": to_plain(o), "pretrain": to_plain(p), "seed": cfg.seed,
-                                     "static": list(static_ids or [])}, sort_keys=True).encode()).hexdigest()[:16]
+    key = settings_hash({"arm": arm, "online": to_plain(o), "pretrain": to_plain(p), "seed": cfg.seed,
+                         "static": list(static_ids or [])})
     cached = out_dir / "result.json"
     if cached.exists():
         record = json.loads(cached.read_text())
@@ -118,10 +119,10 @@ def train_arm(ctx: RunContext, arm: str, out_dir: Path, static_ids) -> dict:
 def score_gvendi(model_dir: Path, tokenizer, ids_by_arm: dict[str, list[str]], texts: dict[str, str],
                  *, k: int, max_length: int, seed: int) -> dict[str, float]:
     """G-Vendi of each arm's trained-on documents under one projection of one model (rows computed once)."""
-    from ..features.gradients import ProxyGradientModule
-    from ..models.llama import load_causal_lm
-    from ..progress import progress
-    from ..vendi import vendi_score
+    from spokes_lightning.features.gradients import ProxyGradientModule
+    from spokes_lightning.models.llama import load_causal_lm
+    from spokes_lightning.utils.progress import progress
+    from spokes_lightning.core.vendi import vendi_score
 
     module = ProxyGradientModule(load_causal_lm(model_dir), tokenizer, k=k, seed=seed, max_length=max_length,
                                  dtype="float32")
@@ -134,6 +135,27 @@ def score_gvendi(model_dir: Path, tokenizer, ids_by_arm: dict[str, list[str]], t
     return {arm: vendi_score(np.stack([rows[i] for i in ids if i in rows])) for arm, ids in ids_by_arm.items()}
 
 
+def check_online(cfg) -> None:
+    """The online comparison's settings (stage ``online``), before any heavy work."""
+    from spokes_lightning.online.reselect import FALLBACKS, MODES
+
+    o = cfg.online
+    for key in ("every_n_steps", "window", "rounds"):
+        value = o[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"online.{key} must be a whole number >= 1, got {value!r}")
+    bad = [a for a in o.arms if a not in MODES]
+    if bad or not o.arms:
+        raise UserError(f"online.arms must list some of {', '.join(MODES)}, got {list(o.arms)}")
+    if o.fallback not in FALLBACKS:
+        raise UserError(f"online.fallback must be one of {', '.join(FALLBACKS)}, got {o.fallback!r}")
+    if not (isinstance(o.alpha, (int, float)) and 0 <= float(o.alpha) <= 1):
+        raise UserError(f"online.alpha must be a number in [0, 1], got {o.alpha!r}")
+    if ("static" in o.arms or o.fallback == "static") and o.static_method not in cfg.selection.methods:
+        raise UserError(f"online.static_method {o.static_method!r} is not in selection.methods "
+                        f"({', '.join(cfg.selection.methods)})")
+
+
 class OnlineStage(Stage):
     name = "online"
     needs = ("corpus", "tokenizer", "features", "select")
@@ -143,14 +165,18 @@ class OnlineStage(Stage):
             return {"enabled": False}  # off: its other settings change nothing (nor re-run the report)
         return {"online": cfg.online, "pretrain": cfg.pretrain, "evaluate": cfg.evaluate, "seed": cfg.seed}
 
+    def check(self, cfg):
+        if cfg.get("online") is not None and cfg.online.enabled:
+            check_online(cfg)
+
     def handed_on(self, outputs):
         return [outputs["table"], outputs["comparison"]] if outputs else []
 
     def run(self, ctx):
-        from ..evaluation import evaluate_model
-        from ..features.store import open_feature_store
-        from ..selection.artifact import read_selection
-        from ..vendi import vendi_score
+        from spokes_lightning.evaluation import evaluate_model
+        from spokes_lightning.features.store import open_feature_store
+        from spokes_lightning.data.selection_artifact import read_selection
+        from spokes_lightning.core.vendi import vendi_score
 
         cfg, o = ctx.cfg, ctx.cfg.online
         if not o.enabled:
@@ -189,18 +215,3 @@ class OnlineStage(Stage):
         write_json_atomic(ctx.path("online", "comparison.json"), summary)
         log("online: comparison\n" + table)
         return {"table": "online/comparison.md", "comparison": "online/comparison.json", "arms": summary}
-
-
-def comparison_table(records: dict[str, dict], scorer: str) -> str:
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
-
-    lines = [f"| arm | docs trained on | tokens | G-Vendi ({scorer} final model, indep. proj.) | "
-             "G-Vendi (frozen proxy, indep. proj.) | val loss | OLMES avg | fit s | reselection s (sketch / choose) | "
-             "overhead |", "|" + "---|" * 10]
-    for arm, r in records.items():
-        lines.append(f"| {arm} | {r['n_trained_on']} | {r['tokens_trained']} | {fmt(r.get(f'gvendi_{scorer}_final_model'), '.1f')} | "
-                     f"{fmt(r.get('gvendi_proxy_independent'), '.1f')} | {r['val_loss']:.3f} | {fmt(r.get('olmes_avg'), '.2f')} | "
-                     f"{r['fit_seconds']:.1f} | {r['reselect_seconds']:.1f} ({r['sketch_seconds']:.1f} / "
-                     f"{r['choose_seconds']:.1f}) | {100 * r['overhead_share']:.1f}% |")
-    return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path
+from spokes_lightning.utils.atomic import atomic_path
 
 
 def _figure():
@@ -157,7 +157,7 @@ def alpha_overlaps(path: Path, rows: list[dict], chosen: float, paper: list[dict
 def jl_overlap(path: Path, rows: list[dict], k_ref: int, paper: dict | None = None) -> None:
     """Fig 5: overlap (%) of SPOKES subsets at JL dimension k with the subset at ``k_ref``, one curve
     per selection fraction; ``paper``: its published point(s) as stars (reference k in the label)."""
-    from ..calibration_outputs import plot_k
+    from spokes_lightning.pipeline.calibration_outputs import plot_k
 
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))

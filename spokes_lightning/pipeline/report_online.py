@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .online_stage import comparison_table
-
 #: what each arm is, in the report's words
 ARM_NAMES = {"random": "random", "static": "static SPOKES", "online": "online SPOKES"}
 
@@ -56,3 +54,18 @@ def online_markdown(outputs: dict | None, run_dir: Path, online_cfg) -> str:
         lines.append(f" G-Vendi ({scorer} final model): {gv}.")
     return "".join(lines) + " One seed per arm: no intervals, so small differences are not distinguishable from " \
                             "training noise.\n"
+
+
+def comparison_table(records: dict[str, dict], scorer: str) -> str:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"| arm | docs trained on | tokens | G-Vendi ({scorer} final model, indep. proj.) | "
+             "G-Vendi (frozen proxy, indep. proj.) | val loss | OLMES avg | fit s | reselection s (sketch / choose) | "
+             "overhead |", "|" + "---|" * 10]
+    for arm, r in records.items():
+        lines.append(f"| {arm} | {r['n_trained_on']} | {r['tokens_trained']} | {fmt(r.get(f'gvendi_{scorer}_final_model'), '.1f')} | "
+                     f"{fmt(r.get('gvendi_proxy_independent'), '.1f')} | {r['val_loss']:.3f} | {fmt(r.get('olmes_avg'), '.2f')} | "
+                     f"{r['fit_seconds']:.1f} | {r['reselect_seconds']:.1f} ({r['sketch_seconds']:.1f} / "
+                     f"{r['choose_seconds']:.1f}) | {100 * r['overhead_share']:.1f}% |")
+    return "\n".join(lines) + "\n"

@@ -6,15 +6,15 @@ import time
 
 import numpy as np
 
-from ..atomic import write_json_atomic, write_text_atomic
-from ..features.store import open_feature_store
-from ..selection.artifact import read_selection
-from ..vendi import batch_vendi_score, vendi_score
-from . import plots
-from .data_stages import pool_documents, pool_rows
-from ..selection.compare import subset_overlap_pct
-from .select_stage import ordered_methods, selection_pool, spokes_method
-from .stage import RunContext, Stage
+from spokes_lightning.utils.atomic import write_json_atomic, write_text_atomic
+from spokes_lightning.features.store import open_feature_store
+from spokes_lightning.data.selection_artifact import read_selection
+from spokes_lightning.core.vendi import batch_vendi_score, vendi_score
+from spokes_lightning.pipeline import plots
+from spokes_lightning.pipeline.data_stages import pool_documents, pool_rows
+from spokes_lightning.core.overlap import subset_overlap_pct
+from spokes_lightning.pipeline.select_stage import ordered_methods, selection_pool, spokes_method
+from spokes_lightning.pipeline.stage import RunContext, Stage
 
 #: the report's source-mix column names this many sources, the rest as "other"
 SOURCE_MIX_TOP = 3
@@ -51,7 +51,7 @@ def method_summary(ctx: RunContext, method: str, sel_info: dict, pool, independe
 
 def item_scores_by_method(ctx: RunContext) -> dict:
     """``{method: {task: 0/1 array (seeds, items)}}`` from the evaluate stage's item files."""
-    from ..evaluation.item_scores import load_item_scores
+    from spokes_lightning.evaluation.item_scores import load_item_scores
 
     items = ctx.results.get("evaluate", {}).get("items", {})
     return {m: load_item_scores(ctx.run_dir / path) for m, path in items.items()}
@@ -59,7 +59,7 @@ def item_scores_by_method(ctx: RunContext) -> dict:
 
 def table2(ctx: RunContext, summary: dict, tasks: list[str]) -> str:
     """Paper Table 2 layout with 95% bootstrap intervals and paired differences to random (no ranks)."""
-    from .report_tables import table2_data, table2_markdown
+    from spokes_lightning.pipeline.report_tables import table2_data, table2_markdown
 
     items = {m: v for m, v in item_scores_by_method(ctx).items() if m in summary["methods"]}
     if not items:
@@ -288,7 +288,7 @@ class ReportStage(Stage):
         write_json_atomic(ctx.run_dir / "summary.json", summary)
         write_text_atomic(ctx.run_dir / "report.md", report)
         if cfg.wandb.enabled:
-            from .wandb_log import log_comparison
+            from spokes_lightning.pipeline.wandb_log import log_comparison
 
             log_comparison(ctx, summary)
         return {"summary": "summary.json", "report": "report.md", "figures": figures}
@@ -298,7 +298,7 @@ class ReportStage(Stage):
         fig_dir = ctx.run_dir / "figures"
         spokes = spokes_method(ctx.cfg)
         if spokes is not None:
-            from .figure_data import representation_table, rounding_curves
+            from spokes_lightning.pipeline.figure_data import representation_table, rounding_curves
 
             name, params = spokes
             seed = int(ctx.cfg.seed)
@@ -311,7 +311,7 @@ class ReportStage(Stage):
                                                                np.asarray(spokes_rows), params, seed)
             plots.representation_bars(fig_dir / "fig4_representations.png", summary["representations"])
             out["fig4"] = "figures/fig4_representations.png"
-        from .figure_data import calibration_studies, paper_figures
+        from spokes_lightning.pipeline.figure_data import calibration_studies, paper_figures
 
         if select.get("alpha_sweep"):
             sweep = json.loads((ctx.run_dir / select["alpha_sweep"]).read_text())
@@ -326,7 +326,7 @@ class ReportStage(Stage):
             out["fig5"] = "figures/fig5_jl_overlap.png"
         curves = {}
         for m, p in ctx.results.get("pretrain", {}).items():
-            from ..models.pretrain_record import read_curve
+            from spokes_lightning.models.pretrain_record import read_curve
 
             curves[m] = read_curve(ctx.run_dir / p["metrics"])
         if curves:
@@ -335,15 +335,15 @@ class ReportStage(Stage):
         return out
 
     def markdown(self, ctx, summary, figures) -> str:
-        from ..evaluation import OLMES_DEPARTURES
-        from .report_online import online_markdown
-        from .report_tables import departures_markdown, paper_reference, shots_markdown
+        from spokes_lightning.evaluation import OLMES_DEPARTURES
+        from spokes_lightning.pipeline.report_online import online_markdown
+        from spokes_lightning.pipeline.report_tables import departures_markdown, paper_reference, shots_markdown
 
         cfg = ctx.cfg
         tasks = list(cfg.evaluate.tasks)
         sel = ctx.output("select")
         contamination = ctx.results.get("evaluate", {}).get("contamination", {})
-        from .figure_data import paper_figures
+        from spokes_lightning.pipeline.figure_data import paper_figures
 
         paper = paper_figures()
         parts = [f"# spokes-lightning report: recipe `{summary['recipe']}`\n",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..evaluation.stats import B_DEFAULT, LEVEL, mean_ci, paired_difference, validation_loss_ci
-from ..evaluation.tasks import TASK_LABELS
+from spokes_lightning.evaluation.stats import B_DEFAULT, LEVEL, mean_ci, paired_difference, validation_loss_ci
+from spokes_lightning.evaluation.tasks import TASK_LABELS
 
 
 def _select(items: dict, tasks: list[str], method: str) -> dict:
@@ -154,7 +154,7 @@ def val_loss_markdown(per_method_losses: dict, level: float = LEVEL) -> str:
 
 def shots_markdown(num_fewshot, tasks: list[str]) -> str:
     """Which fixed solved examples preceded every item (OLMES: 5 per task), by item id."""
-    from ..evaluation.tasks import shots_for
+    from spokes_lightning.evaluation.tasks import shots_for
 
     k = num_fewshot
     if k is None:

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..atomic import write_json_atomic
-from ..errors import UserError
-from ..features.registry import pool_id_array, read_ids
-from ..features.store import open_feature_store
-from ..selection.driver import Budget, select_methods
-from ..selection.pool import Lazy, SelectionPool
-from ..selectors import load_plugins, selector_class
-from ..selectors.spokes import SpokesSelector, alpha_sweep
-from .data_stages import documents_by_ids, export_tokenizer, pool_documents, validation_documents
-from .stage import RunContext, Stage, log, to_plain
+from spokes_lightning.utils.atomic import write_json_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.pipeline.feature_registry import pool_id_array, read_ids
+from spokes_lightning.features.store import open_feature_store
+from spokes_lightning.selection.budget import budget_to_count, parse_budget
+from spokes_lightning.selection.driver import BUDGET_UNITS, Budget, check_spec, select_methods
+from spokes_lightning.selection.pool import Lazy, SelectionPool
+from spokes_lightning.selectors import load_plugins, selector_class
+from spokes_lightning.selectors.spokes import SpokesSelector, alpha_sweep
+from spokes_lightning.pipeline.data_stages import documents_by_ids, export_tokenizer, pool_documents, validation_documents
+from spokes_lightning.pipeline.stage import RunContext, Stage, log, to_plain
 
 
 def selection_pool(ctx: RunContext) -> SelectionPool:
@@ -86,7 +87,7 @@ def domain_rule(cfg) -> dict:
 def document_domains(docs, name: str) -> list[str] | None:
     """Each document's ``name`` field (``source`` or a record field); None when no document has it."""
     if name == "source" and hasattr(docs, "column_array"):  # a document store: one column, no texts, S<n> bytes
-        from ..data.id_arrays import encode_ids
+        from spokes_lightning.data.id_arrays import encode_ids
 
         blocks = [encode_ids(docs.column_array("source", s, s + 65536)) for s in range(0, len(docs), 65536)]
         values = np.concatenate(blocks) if blocks else encode_ids([])
@@ -100,7 +101,7 @@ def document_domains(docs, name: str) -> list[str] | None:
 
 def embedding_clusters(pool: SelectionPool, k: int, seed: int):
     """Domains as seeded spherical k-means clusters of the embeddings: (labels, names)."""
-    from ..selectors.semdedup import normalize_embeddings, spherical_kmeans
+    from spokes_lightning.selectors.semdedup import normalize_embeddings, spherical_kmeans
 
     if pool.inputs.embeddings is None:
         raise UserError("selection.domains.kmeans needs embeddings")
@@ -134,7 +135,7 @@ def resolve_method_specs(specs: dict | None, methods, plugins=()) -> dict[str, d
     ``{selector: name}``. A spec without a ``selector`` key whose method names a registered
     selector runs that selector with the spec's parameters (``+selection.specs.NAME.PARAM=V``
     overrides one default). Any other name is one line."""
-    from ..selectors import available_methods
+    from spokes_lightning.selectors import available_methods
 
     load_plugins(plugins)
     specs = specs or {}
@@ -183,6 +184,36 @@ def spokes_method(cfg) -> tuple[str, dict] | None:
     return name, {k: v for k, v in spec.items() if k not in ("selector", "alpha")}
 
 
+def check_method_specs(specs: dict, methods, plugins=()) -> None:
+    """Every method of ``methods`` has a spec (its own, or ``{selector: name}`` for a selector's
+    name, see :func:`resolve_method_specs`) naming a known selector with declared,
+    valid parameters."""
+
+    for m, spec in resolve_method_specs(specs, methods, plugins).items():
+        check_spec(m, spec)
+
+
+def check_alpha_settings(cfg) -> None:
+    """selection.alpha / alpha_sweep / alpha_grid, so that the select stage cannot fail on them
+    after the corpus, proxy and features stages have run."""
+    sel = cfg.selection
+    alpha = sel.alpha
+    if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                            or not 0 <= float(alpha) <= 1):
+        raise UserError(f"selection.alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
+    if not isinstance(sel.alpha_sweep, bool):
+        raise UserError(f"selection.alpha_sweep must be true or false, got {sel.alpha_sweep!r}")
+    grid = to_plain(sel.alpha_grid)
+    if not isinstance(grid, list) or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1 for a in grid):
+        raise UserError(f"selection.alpha_grid must be a list of numbers in [0, 1], got {grid!r}")
+    if spokes_method(cfg) is None:
+        return  # alpha=auto and the sweep do not apply (the select stage says so in a note)
+    if (alpha == "auto" or sel.alpha_sweep) and not any(0 < a < 1 for a in grid):
+        raise UserError("the alpha sweep (selection.alpha=auto or selection.alpha_sweep=true) needs a value "
+                        f"strictly between 0 and 1 in selection.alpha_grid, got {grid}")
+
+
 class SelectStage(Stage):
     name = "select"
     all_ranks = True  # collective selectors (SPOKES) shard the pool's rows over the ranks
@@ -191,6 +222,19 @@ class SelectStage(Stage):
 
     def settings(self, cfg):
         return {"selection": cfg.selection, "seed": cfg.seed}
+
+    def check(self, cfg):
+        check_method_specs(to_plain(cfg.selection.specs), cfg.selection.methods, selection_plugins(cfg))
+        budget = parse_budget(str(cfg.selection.budget))
+        if isinstance(budget, float):
+            budget_to_count(budget, 10**9)  # range check of the fraction
+        elif budget <= 0:
+            raise UserError(f"selection.budget must be positive, got {budget}")
+        if cfg.selection.budget_unit not in BUDGET_UNITS:
+            raise UserError(f"selection.budget_unit must be {' or '.join(map(repr, BUDGET_UNITS))}, "
+                            f"got {cfg.selection.budget_unit!r}")
+        domain_rule(cfg)
+        check_alpha_settings(cfg)
 
     def handed_on(self, outputs):
         return [v["selection"] for v in outputs["methods"].values()] + [

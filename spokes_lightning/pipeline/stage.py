@@ -9,7 +9,6 @@ themselves too (feature chunks, per-method pretraining).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -19,14 +18,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..atomic import json_round_trip, write_json_atomic
-from ..errors import UserError
-from .output_check import first_problem, record_outputs, remove_outputs
+from spokes_lightning.utils.atomic import json_round_trip, write_json_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.utils.output_check import first_problem, record_outputs, remove_outputs
+from spokes_lightning.utils.settings_hash import settings_hash
 
 
 def log(message: str) -> None:
     """One ``[spokes]`` line on stderr (rank 0 alone under a process group)."""
-    from ..distributed import world
+    from spokes_lightning.core.distributed import world
 
     if world()[0] == 0:
         print(f"[spokes] {message}", file=sys.stderr, flush=True)
@@ -78,6 +78,11 @@ class Stage:
         """The part of the config that determines this stage's outputs."""
         return {}
 
+    def check(self, cfg: DictConfig) -> None:
+        """Preflight: raise a one-line :class:`UserError` for a bad setting of this stage, before any
+        stage runs (cheap: no model, no corpus pass). Run for every stage by
+        :func:`spokes_lightning.pipeline.stages.check_config`."""
+
     def run(self, ctx: RunContext) -> dict:
         raise NotImplementedError
 
@@ -91,8 +96,7 @@ class Stage:
 
 
 def _key(settings: Any, upstream: list[str]) -> str:
-    blob = json.dumps({"settings": settings, "upstream": upstream}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return settings_hash({"settings": settings, "upstream": upstream})
 
 
 def to_plain(node) -> Any:
@@ -151,8 +155,8 @@ def run_pipeline(stages: list[Stage], cfg: DictConfig, selected: list[str] | Non
     again (or, outside ``selected``, it is marked unusable). A stage made again under an
     unchanged key whose outputs came out different makes its dependants run again too.
     """
-    from ..data.ranks import barrier
-    from ..distributed import world
+    from spokes_lightning.data.ranks import barrier
+    from spokes_lightning.core.distributed import world
 
     rank, world_size = world()
     run_dir = Path(cfg.run_dir)

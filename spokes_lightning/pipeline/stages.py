@@ -1,21 +1,37 @@
 """The pipeline as a list of stages (each cached and resumable in run_dir)."""
 from __future__ import annotations
 
-from .data_stages import CorpusStage, ProxyStage, TokenizerStage
-from .feature_stages import FeaturesStage
-from .online_stage import OnlineStage
-from .report_stage import ReportStage
-from .run_lock import RunDirLock
-from .select_stage import SelectStage
-from .stage import RunContext, log, run_pipeline
-from .train_stages import EvaluateStage, ExportStage, PretrainStage
+from spokes_lightning.utils.errors import UserError
+
+from spokes_lightning.pipeline.data_stages import CorpusStage, ProxyStage, TokenizerStage
+from spokes_lightning.pipeline.feature_stages import FeaturesStage
+from spokes_lightning.pipeline.online_stage import OnlineStage
+from spokes_lightning.pipeline.preflight import check_run_dir
+from spokes_lightning.pipeline.report_stage import ReportStage
+from spokes_lightning.pipeline.run_lock import RunDirLock
+from spokes_lightning.pipeline.select_stage import SelectStage
+from spokes_lightning.pipeline.stage import RunContext, log, run_pipeline
+from spokes_lightning.pipeline.train_stages import EvaluateStage, ExportStage, PretrainStage
 
 STAGES = [CorpusStage(), TokenizerStage(), ProxyStage(), FeaturesStage(), SelectStage(), ExportStage(),
           PretrainStage(), EvaluateStage(),
           OnlineStage(),  # before the report: its comparison is a section of report.md when it ran
           ReportStage()]
-#: the stage names, in order: what ``stages=[...]`` may list (checked by preflight)
+#: the stage names, in order: what ``stages=[...]`` may list (checked by :func:`check_config`)
 STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def check_config(cfg, stages=STAGES) -> None:
+    """Preflight, before any heavy work: the run_dir, the stage names, then every stage's own
+    :meth:`~spokes_lightning.pipeline.stage.Stage.check` (all of them, whichever ``stages=[...]``
+    runs, so that a later run of the same config cannot fail on a setting late). One line if not."""
+    check_run_dir(cfg.run_dir)
+    names = tuple(s.name for s in stages)
+    for name in cfg.stages or ():
+        if name not in names:
+            raise UserError(f"unknown stage '{name}'; stages are: {', '.join(names)}")
+    for stage in stages:
+        stage.check(cfg)
 
 
 def run_and_report(stages, cfg):
@@ -28,7 +44,7 @@ def run_and_report(stages, cfg):
 
 def announce(ctx: RunContext) -> None:
     """``Report: <path>`` when report.md belongs to this run's settings; else which stages ran."""
-    from ..distributed import world
+    from spokes_lightning.core.distributed import world
 
     if world()[0] != 0:
         return

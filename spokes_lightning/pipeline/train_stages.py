@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..selection.artifact import read_selection
-from .data_stages import documents_by_ids, export_tokenizer, pool_documents, pool_rows, validation_documents
-from .select_stage import ordered_methods
-from .stage import RunContext, Stage, log, to_plain
+from spokes_lightning.data.selection_artifact import read_selection
+from spokes_lightning.pipeline.data_stages import documents_by_ids, export_tokenizer, pool_documents, pool_rows, validation_documents
+from spokes_lightning.pipeline.select_stage import ordered_methods
+from spokes_lightning.pipeline.preflight import document_limit
+from spokes_lightning.pipeline.stage import RunContext, Stage, log, to_plain
 
 
 def _selected_rows(ctx: RunContext, method: str):
@@ -34,7 +35,7 @@ class ExportStage(Stage):
                              exp["jsonl"], exp["parquet"])]
 
     def run(self, ctx):
-        from ..export import export_selection
+        from spokes_lightning.megatron.export import export_selection
 
         tok = export_tokenizer(ctx)
         out = {}
@@ -88,8 +89,8 @@ class PretrainStage(Stage):
         return [path for pre in outputs.values() for run in pre["runs"] for path in (run["model_dir"], run["metrics"])]
 
     def run(self, ctx):
-        from ..megatron_data import indexed_dataset_stats
-        from ..models.pretrain import pretrain_on_megatron_data
+        from spokes_lightning.megatron.dataset import indexed_dataset_stats
+        from spokes_lightning.models.pretrain import pretrain_on_megatron_data
 
         p = ctx.cfg.pretrain
         if not p.enabled:
@@ -135,7 +136,7 @@ def models_to_evaluate(ctx: RunContext) -> dict[str, list[tuple[str, Path]]]:
     converted once into ``evaluate/converted/<method>/<i>`` with ``evaluate.tokenizer`` (default:
     the run's exported tokenizer).
     """
-    from ..megatron_convert import resolve_model_dir
+    from spokes_lightning.megatron.convert import resolve_model_dir
 
     e = ctx.cfg.evaluate
     if e.get("checkpoints"):
@@ -158,13 +159,20 @@ class EvaluateStage(Stage):
     name = "evaluate"
     needs = ("corpus", "select", "pretrain")
 
+    def check(self, cfg):
+        from spokes_lightning.evaluation.tasks import check_task_names
+
+        if cfg.evaluate.tasks:
+            check_task_names(list(cfg.evaluate.tasks))
+        document_limit(cfg.evaluate.get("limit"), "evaluate.limit")
+
     def settings(self, cfg):
         return cfg.evaluate
 
     def run(self, ctx):
-        from ..evaluation import contamination_by_selection
-        from ..evaluation.item_scores import save_item_scores
-        from ..evaluation.run import evaluate_with_items
+        from spokes_lightning.evaluation import contamination_by_selection
+        from spokes_lightning.evaluation.item_scores import save_item_scores
+        from spokes_lightning.evaluation.run import evaluate_with_items
 
         e = ctx.cfg.evaluate
         out = {"scores": {}, "contamination": {}, "items": {}, "num_fewshot": e.get("num_fewshot")}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .stage import RunContext, log
+from spokes_lightning.pipeline.stage import RunContext, log
 
 
 def log_comparison(ctx: RunContext, summary: dict) -> None:
@@ -16,7 +16,7 @@ def log_comparison(ctx: RunContext, summary: dict) -> None:
     mode = os.environ.get("WANDB_MODE", cfg.mode)
     wdir = ctx.run_dir / "wandb"
     wdir.mkdir(parents=True, exist_ok=True)
-    from ..models.pretrain_record import read_curve
+    from spokes_lightning.models.pretrain_record import read_curve
 
     columns = ["method", "n_selected", "n_tokens", "gvendi", "gvendi_independent", "batch_gvendi",
                "mean_quality", "mean_length", "val_loss", "avg_acc"]

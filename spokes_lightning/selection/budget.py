@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import UserError
+from spokes_lightning.utils.errors import UserError
 
 
 def parse_budget(text: str | int | float) -> int | float:

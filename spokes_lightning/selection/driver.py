@@ -17,20 +17,18 @@ Selectors are deterministic, so a selection is computed once per settings in a p
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .. import distributed as D
-from ..errors import UserError
-from ..selectors.base import SelectionResult, get_selector, selector_class, top_k_indices
-from ..vendi import DEFAULT_CHUNK_ROWS
-from .artifact import check_multiplicity, write_selection
-from .budget import budget_to_count, parse_budget
-from .pool import SelectionPool
+from spokes_lightning.core import distributed as D
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.selectors.base import SelectionResult, selector_class, top_k_indices
+from spokes_lightning.data.selection_artifact import check_multiplicity, write_selection
+from spokes_lightning.selection.budget import budget_to_count, parse_budget
+from spokes_lightning.selection.pool import SelectionPool
 
 BUDGET_UNITS = ("documents", "tokens")
 
@@ -80,31 +78,8 @@ def on_all_ranks(step: Callable[[], Any]) -> Any:
 
 def run_selector(pool: SelectionPool, name: str, params: dict, k: int, seed: int,
                  everywhere: bool = False) -> SelectionResult | None:
-    """``get_selector(name, **params).select(...)`` on this pool, computed once per settings.
-
-    Under a process group a collective selector runs on every rank with a chunk-aligned row
-    shard (scores gathered in rank order); any other selector runs on rank 0 and other ranks
-    get None, unless ``everywhere`` (an analysis every rank needs, e.g. SPOKES's alpha sweep).
-    """
-    selector = get_selector(name, **params)
-    inputs = pool.inputs_for(selector)
-    settings = {key: v for key, v in selector.params.items() if key != "log"}
-    key = json.dumps([name, settings, int(k), int(seed)], sort_keys=True, default=str)
-    if pool.memo.get(key, 0) is None and everywhere:
-        del pool.memo[key]  # computed on rank 0 only before: compute it here too
-    if key not in pool.memo:
-        rank, world = D.world()
-        if world > 1 and selector.collective:
-            start, stop = D.shard_bounds(pool.n, rank, world, align=DEFAULT_CHUNK_ROWS)
-            result = selector.select(inputs.rows(start, stop), k, seed)
-            if result.scores is not None:
-                result.scores = np.concatenate(D.all_gather_objects(np.asarray(result.scores)))
-        elif rank == 0 or everywhere:
-            result = selector.select(inputs, k, seed)
-        else:
-            result = None
-        pool.memo[key] = result
-    return None if pool.memo[key] is None else replace(pool.memo[key])
+    """:meth:`SelectionPool.run` (kept as a function: the driver's callers read it here)."""
+    return pool.run(name, params, k, seed, everywhere=everywhere)
 
 
 def resolve_auto(pool: SelectionPool, method: str, spec: dict, k: int, seed: int,

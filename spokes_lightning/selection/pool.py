@@ -9,15 +9,18 @@ gradient store stays on disk). The pipeline's select stage, the Lightning callba
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..data.id_arrays import IdArray, first_duplicate, id_array
-from ..errors import UserError
-from ..selectors.base import INPUT_HINTS, SelectionInputs, Selector
-from .artifact import array_sha256
+from spokes_lightning.data.id_arrays import IdArray, first_duplicate, id_array
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.core import distributed as D
+from spokes_lightning.core.vendi import DEFAULT_CHUNK_ROWS
+from spokes_lightning.selectors.base import INPUT_HINTS, SelectionInputs, SelectionResult, Selector, get_selector
+from spokes_lightning.data.selection_artifact import array_sha256
 
 #: fields hashed into every selection manifest (when present), the same for every entry point
 HASHED_FIELDS = ("features", "embeddings", "quality", "domains")
@@ -38,7 +41,7 @@ class SelectionPool:
     n_unselectable: int = 0  # documents of the corpus that cannot be selected (no features, ...)
     #: computes a missing field on first use, e.g. {"domains": clusters of the embeddings}
     providers: dict[str, Callable[["SelectionPool"], Any]] = field(default_factory=dict)
-    memo: dict = field(default_factory=dict)  # selections computed in this process (driver.run_selector)
+    memo: dict = field(default_factory=dict)  # selections computed in this process (:meth:`run`)
     #: what a selector that trains or reads text may use (the pipeline fills it; the CLI and the
     #: callback leave it empty): "texts" -> pool texts in row order, "validation_texts" -> the
     #: held-out texts, "tokenizer" -> the export tokenizer, "work_dir" (a Path for scratch runs),
@@ -57,6 +60,33 @@ class SelectionPool:
     @property
     def lengths(self) -> np.ndarray | None:
         return self.inputs.lengths
+
+    def run(self, name: str, params: dict, k: int, seed: int, everywhere: bool = False) -> SelectionResult | None:
+        """``get_selector(name, **params).select(...)`` on this pool, computed once per settings.
+
+        Under a process group a collective selector runs on every rank with a chunk-aligned row
+        shard (scores gathered in rank order); any other selector runs on rank 0 and other ranks
+        get None, unless ``everywhere`` (an analysis every rank needs, e.g. SPOKES's alpha sweep).
+        """
+        selector = get_selector(name, **params)
+        inputs = self.inputs_for(selector)
+        settings = {key: v for key, v in selector.params.items() if key != "log"}
+        key = json.dumps([name, settings, int(k), int(seed)], sort_keys=True, default=str)
+        if self.memo.get(key, 0) is None and everywhere:
+            del self.memo[key]  # computed on rank 0 only before: compute it here too
+        if key not in self.memo:
+            rank, world = D.world()
+            if world > 1 and selector.collective:
+                start, stop = D.shard_bounds(self.n, rank, world, align=DEFAULT_CHUNK_ROWS)
+                result = selector.select(inputs.rows(start, stop), k, seed)
+                if result.scores is not None:
+                    result.scores = np.concatenate(D.all_gather_objects(np.asarray(result.scores)))
+            elif rank == 0 or everywhere:
+                result = selector.select(inputs, k, seed)
+            else:
+                result = None
+            self.memo[key] = result
+        return None if self.memo[key] is None else replace(self.memo[key])
 
     def inputs_for(self, selector: Selector) -> SelectionInputs:
         """The inputs, with every field the selector requires present (one line if one is missing)."""

@@ -1,5 +1,5 @@
 """Data selectors, one file each, registered by name (see :mod:`.base` and :mod:`.discovery`)."""
-from .base import (  # noqa: F401
+from spokes_lightning.selectors.base import (  # noqa: F401
     INPUT_HINTS,
     SELECTORS,
     Param,
@@ -12,4 +12,4 @@ from .base import (  # noqa: F401
     selector_class,
     top_k_indices,
 )
-from .discovery import load_plugins  # noqa: F401
+from spokes_lightning.selectors.discovery import load_plugins  # noqa: F401

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from ..errors import UserError
+from spokes_lightning.utils.errors import UserError
 
 
 #: every input a selector may read, with the line that tells a user how to provide it
@@ -212,7 +212,7 @@ def register(cls: type[Selector]) -> type[Selector]:
 
 
 def get_selector(name: str, **params: Any) -> Selector:
-    from .discovery import load_selectors
+    from spokes_lightning.selectors.discovery import load_selectors
 
     load_selectors()
     if name not in SELECTORS:
@@ -221,7 +221,7 @@ def get_selector(name: str, **params: Any) -> Selector:
 
 
 def selector_class(name: str) -> type[Selector]:
-    from .discovery import load_selectors
+    from spokes_lightning.selectors.discovery import load_selectors
 
     load_selectors()
     if name not in SELECTORS:
@@ -230,7 +230,7 @@ def selector_class(name: str) -> type[Selector]:
 
 
 def available_methods() -> list[str]:
-    from .discovery import load_selectors
+    from spokes_lightning.selectors.discovery import load_selectors
 
     load_selectors()
     return sorted(SELECTORS)

@@ -23,7 +23,7 @@ import pkgutil
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from spokes_lightning.utils.errors import UserError
 
 ENTRY_POINT_GROUP = "spokes_lightning.selectors"
 ENV_VAR = "SPOKES_SELECTORS"

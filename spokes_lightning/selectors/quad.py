@@ -40,10 +40,10 @@ import math
 
 import numpy as np
 
-from ..errors import UserError
-from ..features.kfac import DAMPING_SPLITS, DEFAULT_DAMPING, DEFAULT_MAX_FACTOR_DIM, HESSIANS, QKV_MODES
-from .base import Param, SelectionInputs, SelectionResult, Selector, register
-from .semdedup import default_n_clusters, normalize_embeddings, spherical_kmeans
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.features.kfac import DAMPING_SPLITS, DEFAULT_DAMPING, DEFAULT_MAX_FACTOR_DIM, HESSIANS, QKV_MODES
+from spokes_lightning.selectors.base import Param, SelectionInputs, SelectionResult, Selector, register
+from spokes_lightning.selectors.semdedup import default_n_clusters, normalize_embeddings, spherical_kmeans
 
 DEFAULT_REFERENCE = "data/demo/reference/lambada_openai.jsonl.gz"
 DEFAULT_EXTRA = "quad_reference"

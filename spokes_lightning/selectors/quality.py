@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UserError
-from .base import Param, SelectionInputs, SelectionResult, Selector, register, top_k_indices
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.selectors.base import Param, SelectionInputs, SelectionResult, Selector, register, top_k_indices
 
 
 @register

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import SelectionInputs, SelectionResult, Selector, register
+from spokes_lightning.selectors.base import SelectionInputs, SelectionResult, Selector, register
 
 
 @register

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UserError, require_package
-from .base import Param, SelectionInputs, SelectionResult, Selector, register
+from spokes_lightning.utils.errors import UserError, require_package
+from spokes_lightning.selectors.base import Param, SelectionInputs, SelectionResult, Selector, register
 
 KEEP_RULES = ("hard", "easy", "random")
 DEFAULT_BLOCK_ELEMS = 4_000_000  # floats per similarity block (16 MB in float32)
@@ -132,7 +132,7 @@ def max_earlier_similarity(xc: np.ndarray, block: int | None = None,
 def semdedup_scores(x: np.ndarray, clusters: list[np.ndarray], block: int | None = None,
                     block_elems: int = DEFAULT_BLOCK_ELEMS, progress: bool = True) -> np.ndarray:
     """``M`` (float32, N) for unit rows ``x`` given the ordered clusters."""
-    from ..progress import progress as show_progress
+    from spokes_lightning.utils.progress import progress as show_progress
 
     m_all = np.zeros(len(x), dtype=np.float32)
     biggest_first = sorted(range(len(clusters)), key=lambda c: -len(clusters[c]))

@@ -1,10 +1,11 @@
 """SPOKES as a selector (paper section 3.1): gradient features + optional quality -> relaxed w -> k rows."""
 from __future__ import annotations
 
-from ..errors import UserError
-from ..rounding import DEFAULT_ROUNDING, GREEDY_GROUPS, GREEDY_ROUNDS, GREEDY_SEED_FRACTION, ROUNDING_RULES
-from ..spokes import DEFAULT_ETA_SCALE, DEFAULT_STEPS, DEFAULT_TOL, run_spokes
-from .base import Param, SelectionInputs, SelectionResult, Selector, get_selector, register
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.core.rounding import DEFAULT_ROUNDING, GREEDY_GROUPS, GREEDY_ROUNDS, GREEDY_SEED_FRACTION, ROUNDING_RULES
+from spokes_lightning.core.overlap import subset_overlap_pct
+from spokes_lightning.core.spokes import DEFAULT_ETA_SCALE, DEFAULT_STEPS, DEFAULT_TOL, run_spokes, selection_scores
+from spokes_lightning.selectors.base import Param, SelectionInputs, SelectionResult, Selector, get_selector, register
 
 #: alpha values tried by the section 3.2 sweep (between 0 and 1, which are always run)
 DEFAULT_ALPHA_GRID = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
@@ -65,17 +66,13 @@ def alpha_sweep(pool, params: dict, k: int, seed: int, grid=DEFAULT_ALPHA_GRID, 
     subset, its G-Vendi and mean quality. ``auto_alpha`` is the inner alpha where the two
     overlaps are closest (ties: the smaller alpha). Runs on every rank.
     """
-    from ..selection.compare import subset_overlap_pct
-    from ..selection.driver import run_selector
-    from ..spokes import selection_scores
-
     params = {p: v for p, v in params.items() if p != "alpha"}
     inputs = pool.inputs_for(get_selector("quality"))
-    q_only = run_selector(pool, "quality", {}, k, seed, everywhere=True).indices
-    d_only = run_selector(pool, "spokes", {**params, "alpha": 0.0}, k, seed).indices
+    q_only = pool.run("quality", {}, k, seed, everywhere=True).indices
+    d_only = pool.run("spokes", {**params, "alpha": 0.0}, k, seed).indices
     rows = []
     for alpha in [0.0, *map(float, grid), 1.0]:
-        idx = run_selector(pool, "spokes", {**params, "alpha": alpha}, k, seed).indices
+        idx = pool.run("spokes", {**params, "alpha": alpha}, k, seed).indices
         gv, mq = selection_scores(inputs.features, inputs.quality, idx)
         rows.append({"alpha": alpha, "overlap_quality": subset_overlap_pct(idx, q_only),
                      "overlap_diversity": subset_overlap_pct(idx, d_only), "gvendi": gv, "mean_quality": mq})

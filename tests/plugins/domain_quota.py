@@ -1,4 +1,4 @@
-"""A toy selector kept in one file, as a newcomer would write one (tests/test_selector_plugin.py).
+"""A toy selector kept in one file, as a newcomer would write one (tests/selectors/test_selector_plugin.py).
 
 ``domain_quota``: visit the domains in turn, each time taking that domain's best remaining
 document by quality, until k documents are chosen; each domain's best document is taken

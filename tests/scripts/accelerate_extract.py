@@ -1,4 +1,4 @@
-"""An Accelerate user's script: prepare the tiny proxy, extract gradient features (tests/test_accelerate.py).
+"""An Accelerate user's script: prepare the tiny proxy, extract gradient features (tests/integrations/test_accelerate.py).
 
 usage: accelerate launch ... accelerate_extract.py MODEL_DIR STORE_DIR N_DOCS CHUNK_SIZE BATCH_SIZE
        [SLEEP_AFTER_CHUNK_S] [N_LAYERS] [MODE]
@@ -27,7 +27,7 @@ def main(argv):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from spokes_lightning.errors import user_errors_exit
+    from spokes_lightning.utils.errors import user_errors_exit
     from spokes_lightning.integrations.accelerate import extract_with_accelerate
 
     accelerator = Accelerator()

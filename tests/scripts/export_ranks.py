@@ -17,15 +17,15 @@ TESTS = Path(__file__).resolve().parents[1]
 
 def worker(rank, world, port, args):
     tok_dir, run_dir, out_dir, shard_docs, fail_rank = args
-    sys.path.insert(0, str(TESTS))
+    sys.path.insert(0, str(TESTS / "helpers"))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from export_store import export_case
     from transformers import PreTrainedTokenizerFast
 
-    import spokes_lightning.megatron_shards as shards
-    from spokes_lightning.errors import UserError
-    from spokes_lightning.export import export_selection
+    import spokes_lightning.megatron.shards as shards
+    from spokes_lightning.utils.errors import UserError
+    from spokes_lightning.megatron.export import export_selection
 
     seen = []
     real = shards.tokenize_shard

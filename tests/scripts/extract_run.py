@@ -1,4 +1,4 @@
-"""Run extract_features on the tiny proxy corpus (a subprocess entry point for tests/test_extract.py).
+"""Run extract_features on the tiny proxy corpus (a subprocess entry point for tests/features/test_extract.py).
 
 usage: extract_run.py MODEL_DIR STORE_DIR N_DOCS CHUNK_SIZE BATCH_SIZE DEVICES STRATEGY [SLEEP_AFTER_CHUNK_S]
 Prints "chunk-written C" after each chunk; with SLEEP_AFTER_CHUNK_S it then sleeps (so a test can kill it).

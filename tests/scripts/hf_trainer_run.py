@@ -1,5 +1,5 @@
 """A Trainer user's script: a tiny LLaMA trained by a stock ``transformers.Trainer`` on a selection
-(tests/test_hf_trainer.py). Launched with ``python`` (1 process) or ``accelerate launch`` (2).
+(tests/integrations/test_hf_trainer.py). Launched with ``python`` (1 process) or ``accelerate launch`` (2).
 
 usage: hf_trainer_run.py SPEC.json
 SPEC: {"tokenizer": DIR, "n_docs": N, "selection": {id: copies} | [ids], "seq_length": S,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from tiny_text import tiny_corpus  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main(argv):
     import transformers
     from transformers import PreTrainedTokenizerFast
 
-    from spokes_lightning.errors import user_errors_exit
+    from spokes_lightning.utils.errors import user_errors_exit
 
     transformers.logging.set_verbosity_error()
     spec = json.loads(Path(argv[0]).read_text())

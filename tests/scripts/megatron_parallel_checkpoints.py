@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from spokes_lightning.megatron_checkpoint import (megatron_args_namespace, save_legacy_checkpoint,
+from spokes_lightning.megatron.checkpoint import (megatron_args_namespace, save_legacy_checkpoint,
                                                   save_megatron_checkpoint)
-from spokes_lightning.megatron_runtime import build_cpu_gpt_model, megatron_on_cpu
+from spokes_lightning.megatron.runtime import build_cpu_gpt_model, megatron_on_cpu
 
 ITERATION = 7
 

@@ -1,4 +1,4 @@
-"""Online reselection under a stock transformers Trainer (tests/test_online_hf_trainer.py).
+"""Online reselection under a stock transformers Trainer (tests/integrations/test_online_hf_trainer.py).
 
     online_hf_run.py CORPUS TOKENIZER OUT [RESUME_CHECKPOINT]
 
@@ -17,9 +17,9 @@ import torch
 def main():
     from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-    from spokes_lightning.errors import user_errors_exit
-    from spokes_lightning.online.hf_trainer import OnlineReselectionTrainerCallback, OnlineTrainerDataset
-    from spokes_lightning.online.lightning import build_reselector
+    from spokes_lightning.utils.errors import user_errors_exit
+    from spokes_lightning.integrations.online_hf_trainer import OnlineReselectionTrainerCallback, OnlineTrainerDataset
+    from spokes_lightning.integrations.online_lightning import build_reselector
 
     sys.path.insert(0, str(Path(__file__).parent))
     from online_run import tiny_llama

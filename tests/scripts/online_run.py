@@ -1,4 +1,4 @@
-"""Online reselection on a tiny LLaMA, for tests/test_online_lightning.py.
+"""Online reselection on a tiny LLaMA, for tests/integrations/test_online_lightning.py.
 
     online_run.py fit CORPUS TOKENIZER OUT DEVICES MODE    # Lightning fit (devices=2: DDP over gloo)
     online_run.py sketch CORPUS TOKENIZER OUT MODEL_DIR    # one reselection with a fixed model (torchrun or plain)
@@ -26,7 +26,7 @@ def tiny_llama(vocab):
 def main():
     from transformers import PreTrainedTokenizerFast
 
-    from spokes_lightning.errors import user_errors_exit
+    from spokes_lightning.utils.errors import user_errors_exit
 
     action, corpus, tok_file, out = sys.argv[1:5]
     torch.set_num_threads(1)
@@ -49,11 +49,11 @@ def fit(docs, tok, out, devices, mode, settings):
     import lightning as L
 
     from spokes_lightning.models.llama import CausalLMModule
-    from spokes_lightning.online.lightning import OnlineReselectionCallback, OnlineSelectionDataModule
+    from spokes_lightning.integrations.online_lightning import OnlineReselectionCallback, OnlineSelectionDataModule
 
     class Recording(CausalLMModule):
         def training_step(self, batch, batch_idx):
-            self.seen.append(batch["tokens"].tolist())
+            self.seen.append(batch["input_ids"].tolist())
             return super().training_step(batch, batch_idx)
 
     every = int(os.environ.get("ONLINE_CHECKPOINT", "0"))
@@ -98,7 +98,7 @@ def sketch(docs, tok, out, model_dir, settings):
     import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
-    from spokes_lightning.online.lightning import build_reselector
+    from spokes_lightning.integrations.online_lightning import build_reselector
 
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")

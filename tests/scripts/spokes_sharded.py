@@ -15,8 +15,8 @@ def worker(rank, world, port, args):
     features_path, quality_path, k, alpha, out, chunk_rows, rounding, seed = args
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from spokes_lightning.distributed import shard_bounds
-    from spokes_lightning.spokes import run_spokes
+    from spokes_lightning.core.distributed import shard_bounds
+    from spokes_lightning.core.spokes import run_spokes
 
     x = np.load(features_path, mmap_mode="r")
     q = None if quality_path == "-" else np.load(quality_path)

@@ -36,7 +36,7 @@ The objective
 
   - ``gvendi`` (default): G-Vendi of the unit gradient features of S divided by its
     largest possible value min(k, d). Computed from the d x d Gram ``X_S^T X_S`` (the
-    :mod:`spokes_lightning.vendi` form) when d <= k; when k < d the k x k kernel
+    :mod:`spokes_lightning.core.vendi` form) when d <= k; when k < d the k x k kernel
     ``X_S X_S^T`` has the same non-zero spectrum and is cheaper, so that one is used.
   - ``cosine``: mean pairwise cosine dissimilarity of the embeddings,
     ``1 - mean_{i != j} cos(e_i, e_j)``, from the sum of unit rows in O(k e).
@@ -75,7 +75,7 @@ pool; the ranking is then the initial logits (quality), recorded in ``stats``.
 """
 from __future__ import annotations
 
-from .objective import (  # noqa: F401
+from spokes_lightning.selectors.datamask.objective import (  # noqa: F401
     DIVERSITY,
     NORMALIZE,
     JointObjective,
@@ -84,5 +84,5 @@ from .objective import (  # noqa: F401
     greedy_objective_selection,
     normalise_scores,
 )
-from .policy import ADVANTAGE, gumbel_topk, learn_mask, plackett_luce_logprob, policy_gradient  # noqa: F401
-from .selector import DatamaskSelector  # noqa: F401  (registers "datamask")
+from spokes_lightning.selectors.datamask.policy import ADVANTAGE, gumbel_topk, learn_mask, plackett_luce_logprob, policy_gradient  # noqa: F401
+from spokes_lightning.selectors.datamask.selector import DatamaskSelector  # noqa: F401  (registers "datamask")

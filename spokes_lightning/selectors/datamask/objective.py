@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import UserError
-from ...progress import progress
-from ...vendi import EIGEN_FLOOR, UnitRows
-from ..base import INPUT_HINTS, SelectionInputs
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.utils.progress import progress
+from spokes_lightning.core.vendi import EIGEN_FLOOR, UnitRows
+from spokes_lightning.selectors.base import INPUT_HINTS, SelectionInputs
 
 DIVERSITY = ("gvendi", "cosine", "facility")
 NORMALIZE = ("rank", "minmax")

@@ -6,9 +6,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ...errors import UserError
-from ...progress import progress
-from .objective import JointObjective
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.utils.progress import progress
+from spokes_lightning.selectors.datamask.objective import JointObjective
 
 ADVANTAGE = ("group", "loo")
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import UserError
-from ...vendi import UnitRows
-from ..base import Param, SelectionInputs, SelectionResult, Selector, register, top_k_indices
-from .objective import DIVERSITY, DIVERSITY_INPUT, NORMALIZE, build_objective, combined_quality
-from .policy import ADVANTAGE, learn_mask
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.core.vendi import UnitRows
+from spokes_lightning.selectors.base import Param, SelectionInputs, SelectionResult, Selector, register, top_k_indices
+from spokes_lightning.selectors.datamask.objective import DIVERSITY, DIVERSITY_INPUT, NORMALIZE, build_objective, combined_quality
+from spokes_lightning.selectors.datamask.policy import ADVANTAGE, learn_mask
 
 # ----------------------------------------------------------------------------------------
 # the selector

@@ -2,4 +2,4 @@
 
 Importing the package registers the ``quadmix`` selector (:mod:`.selector`).
 """
-from .selector import QuaDMixSelector, parameter_search  # noqa: F401
+from spokes_lightning.selectors.quadmix.selector import QuaDMixSelector, parameter_search  # noqa: F401

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import UserError
+from spokes_lightning.utils.errors import UserError
 
 BETA = ("lambda", "omega", "eta", "epsilon")
 

@@ -4,11 +4,11 @@ Each proxy is the toolkit's own small LLaMA (:func:`~spokes_lightning.models.pre
 + :func:`~spokes_lightning.models.llama.build_llama`, the same seed so every proxy starts from the
 same weights), trained with the toolkit's optimiser (:class:`~spokes_lightning.models.llama.CausalLMModule`:
 AdamW, betas 0.9/0.95, constant learning rate) and loss (:func:`~spokes_lightning.models.llama.causal_lm_loss`)
-on the sampled documents packed like the proxy's (:func:`~spokes_lightning.models.proxy_training.pack_documents`:
+on the sampled documents packed like the proxy's (:func:`~spokes_lightning.models.proxy_training.pack_blocks`:
 each copy truncated to ``seq_length - 1`` tokens + EOS, cut into blocks), for the SAME number of
 steps (only the data differs). A plain loop rather than a Lightning ``Trainer``: a proxy is a few
 seconds of work and thousands of them run in one search. Target: the token-weighted validation
-loss on the target texts, windows as :mod:`~spokes_lightning.evaluation.val_loss` cuts them, on
+loss on the target texts, windows as :mod:`~spokes_lightning.models.val_loss` cuts them, on
 at most ``val_tokens`` tokens (whole windows of the texts in a seeded order; the same for every proxy).
 
 Every finished run is a JSON file ``<cache_dir>/<key>.json`` whose key hashes everything the loss
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...atomic import write_json_atomic
-from ...errors import UserError
+from spokes_lightning.utils.atomic import write_json_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.utils.settings_hash import settings_hash
 
 PROXY_FORMAT = 1
 
@@ -51,11 +52,11 @@ class ProxySettings:
 
 
 def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return settings_hash(obj, length=None)
 
 
 def _texts_hash(texts) -> str:
-    from ...models.tokenizer import corpus_hash
+    from spokes_lightning.models.tokenizer import corpus_hash
 
     return corpus_hash(texts)
 
@@ -114,17 +115,17 @@ class ProxyRunner:
     def train(self, indices, copies) -> float:
         import torch
 
-        from ...evaluation.val_loss import summed_window_loss
-        from ...models.llama import CausalLMModule, build_llama, causal_lm_loss
-        from ...models.pretrain import pretrain_llama_config
-        from ...models.proxy_training import pack_documents
+        from spokes_lightning.models.val_loss import summed_window_loss
+        from spokes_lightning.models.llama import CausalLMModule, build_llama, causal_lm_loss
+        from spokes_lightning.models.pretrain import pretrain_llama_config
+        from spokes_lightning.models.proxy_training import pack_blocks
 
         s = self.settings
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         rng = np.random.default_rng([s.seed, 0x51])
         rows = np.repeat(np.asarray(indices, dtype=np.int64), np.asarray(copies, dtype=np.int64))
         rows = rows[rng.permutation(len(rows))]
-        blocks = pack_documents([self.texts[r] for r in rows], self.tokenizer, s.seq_length)
+        blocks = pack_blocks([self.texts[r] for r in rows], self.tokenizer, s.seq_length)
         config = pretrain_llama_config(len(self.tokenizer), seq_length=s.seq_length, n_layers=s.n_layers,
                                        hidden=s.hidden, heads=s.heads)
         model = build_llama(config, s.seed).to(device).train()

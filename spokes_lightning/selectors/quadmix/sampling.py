@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import UserError
+from spokes_lightning.utils.errors import UserError
 
 NORMALIZATIONS = ("rank", "zscore")
 BUDGET_RULES = ("scale", "raw")

@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from ...errors import UserError
-from .parameters import parameter_vectors
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.selectors.quadmix.parameters import parameter_vectors
 
 DEFAULT_CANDIDATES = 100_000
 DEFAULT_TOP = 10

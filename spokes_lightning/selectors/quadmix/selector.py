@@ -7,7 +7,7 @@ scores and domain labels.
   the search (the CLI has no texts to train proxies on).
 * ``criteria``: which named quality scores enter Eq. 1 (default: all the pool has, sorted by name);
   the quality families hand them on as ``quality_scores.<name>`` (the quality source and, when a
-  method uses this selector, :mod:`~spokes_lightning.features.families.quality_heuristics`).
+  method uses this selector, :mod:`~spokes_lightning.pipeline.families.quality_heuristics`).
 * ``normalize`` (sigma), ``percentile_sample`` (section 3.4), ``budget_rule``: see :mod:`.sampling`.
 * ``proxy_*``, ``search_*``, ``regressor``: the size of the search (:mod:`.proxy_runs`, :mod:`.search`).
 
@@ -17,20 +17,19 @@ thinning, so a token budget keeps the sampled mix).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ...atomic import write_json_atomic
-from ...errors import UserError
-from ..base import Param, SelectionInputs, SelectionResult, Selector, register
-from .parameters import QuaDMixParams, load_params
-from .sampling import BUDGET_RULES, NORMALIZATIONS, PERCENTILE_SAMPLE, normalize_criteria, quadmix_sample
-from .search import DEFAULT_CANDIDATES, DEFAULT_TOP, search
+from spokes_lightning.utils.atomic import write_json_atomic
+from spokes_lightning.utils.errors import UserError
+from spokes_lightning.selectors.base import Param, SelectionInputs, SelectionResult, Selector, register
+from spokes_lightning.selectors.quadmix.parameters import QuaDMixParams, load_params
+from spokes_lightning.selectors.quadmix.sampling import BUDGET_RULES, NORMALIZATIONS, PERCENTILE_SAMPLE, normalize_criteria, quadmix_sample
+from spokes_lightning.selectors.quadmix.search import DEFAULT_CANDIDATES, DEFAULT_TOP, search
+from spokes_lightning.utils.settings_hash import settings_hash
 
 _pos = lambda v: v > 0  # noqa: E731
 
@@ -148,7 +147,7 @@ def parameter_search(selector: QuaDMixSelector, inputs: SelectionInputs, k: int,
     ``evaluate(theta, indices, copies) -> loss`` replaces the proxy training (tests). Proxy runs are
     cached under ``work_dir/quadmix/proxies`` and the search's record is written next to them.
     """
-    from .proxy_runs import ProxyRunner, ProxySettings
+    from spokes_lightning.selectors.quadmix.proxy_runs import ProxyRunner, ProxySettings
 
     p = selector.params
     log = p["log"] or _log
@@ -185,9 +184,8 @@ def parameter_search(selector: QuaDMixSelector, inputs: SelectionInputs, k: int,
               "predicted_loss": found["predicted_at_theta"], "top_predicted": [float(v) for v in found["top_predicted"]],
               "regressor_train_mae": found["train_mae"], "search_candidates": p["search_candidates"],
               "search_top": p["search_top"], "seconds": round(time.perf_counter() - start, 2)}
-    tag = hashlib.sha256(json.dumps([{q: v for q, v in p.items() if q not in ("log", "params")}, int(k), int(seed),
-                                     criteria, names, None if runner is None else runner.identity],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
+    tag = settings_hash([{q: v for q, v in p.items() if q not in ("log", "params")}, int(k), int(seed),
+                         criteria, names, None if runner is None else runner.identity], length=12)
     write_json_atomic(work / f"search-{tag}.json", record)
     log(f"quadmix: best proxy loss {record['best_proxy_loss']:.4f}, predicted at the chosen parameters "
         f"{record['predicted_loss']:.4f} ({record['seconds']:.0f} s, {record['trained_here'] or 0} proxies trained here)")

@@ -1,0 +1,1 @@
+"""Entry points: `spokes` (:mod:`.spokes`) and `spokes-run` / `launch/run.py` (:mod:`.run`). The top layer."""

@@ -1,0 +1,1 @@
+"""The math every layer above uses: G-Vendi (:mod:`.vendi`), the SPOKES optimizer (:mod:`.spokes`), rounding rules (:mod:`.rounding`), subset overlap (:mod:`.overlap`) and the rank reductions (:mod:`.distributed`)."""

@@ -1,0 +1,1 @@
+"""Megatron-LM: indexed data export (:mod:`.export`, :mod:`.shards`), the launch script (:mod:`.launch_script`), the dataset reader (:mod:`.dataset`), checkpoints (:mod:`.checkpoint`), conversion to Hugging Face (:mod:`.convert`) and the CPU runtime shim (:mod:`.runtime`)."""
