@@ -13,13 +13,14 @@ from spokes_lightning.data.ingest import IngestSettings, ingest
 from spokes_lightning.utils.errors import UserError
 from spokes_lightning.utils.progress import progress
 from spokes_lightning.pipeline.preflight import check_pool_budget, document_limit, hub_resource
+from spokes_lightning.pipeline.outputs import CorpusOutput, ProxyOutput, TokenizerOutput
 from spokes_lightning.pipeline.stage import RunContext, Stage, log, to_plain
 
 
 def pool_documents(ctx: RunContext) -> DocumentStore:
     """The pool as a lazy on-disk store (len, store[i], take(rows), batches(), iteration)."""
     if "pool" not in ctx.documents:
-        ctx.documents["pool"] = open_document_store(ctx.run_dir / ctx.output("corpus")["pool"])
+        ctx.documents["pool"] = open_document_store(ctx.run_dir / ctx.output(CorpusOutput).pool)
     return ctx.documents["pool"]
 
 
@@ -51,7 +52,7 @@ def documents_by_ids(ctx: RunContext, ids) -> list[Document]:
 
 def validation_documents(ctx: RunContext) -> DocumentStore:
     if "validation" not in ctx.documents:
-        ctx.documents["validation"] = open_document_store(ctx.run_dir / ctx.output("corpus")["validation"])
+        ctx.documents["validation"] = open_document_store(ctx.run_dir / ctx.output(CorpusOutput).validation)
     return ctx.documents["validation"]
 
 
@@ -74,6 +75,7 @@ class CorpusStage(Stage):
     and write the pool and the validation set as on-disk document stores (:mod:`..data.ingest`)."""
 
     name = "corpus"
+    output_type = CorpusOutput
     all_ranks = True  # input files and pool shards are split over the ranks (data/ingest.py)
 
     def check(self, cfg):
@@ -101,12 +103,12 @@ class CorpusStage(Stage):
         return {"data": data, "seed": cfg.seed, "pool": "documents with text"}
 
     def outdated(self, cfg, run_dir, outputs):
-        if not (run_dir / outputs["pool"] / "index.json").exists():
+        if not (run_dir / outputs.pool / "index.json").exists():
             return "pool was written by an earlier version (one jsonl.gz file, not a document store)"
         return None
 
     def handed_on(self, outputs):
-        return [outputs["pool"], outputs["validation"]]
+        return [outputs.pool, outputs.validation]
 
     def run(self, ctx):
         settings = ingest_settings(ctx.cfg)
@@ -118,14 +120,14 @@ class CorpusStage(Stage):
             f"{summary['n_pool']} in the pool" + (f"; {skipped} malformed record(s) skipped (data.on_error=skip), "
                                                    f"e.g. {summary['skipped_examples'][0]}" if skipped else "")
             + (f"; {empty} empty text(s) left out (nothing to select them by)" if empty else ""))
-        return {"pool": "corpus/pool", "validation": "corpus/validation", **summary}
+        return CorpusOutput(pool="corpus/pool", validation="corpus/validation", **summary)
 
 
 def export_tokenizer(ctx: RunContext):
     """The tokenizer stage's tokenizer (export, pretraining), loaded from the run directory."""
     from spokes_lightning.models.tokenizer import load_tokenizer
 
-    return load_tokenizer(ctx.run_dir / ctx.output("tokenizer")["dir"])
+    return load_tokenizer(ctx.run_dir / ctx.output(TokenizerOutput).dir)
 
 
 def training_sample(pool: DocumentStore, count, seed: int, setting: str):
@@ -154,6 +156,7 @@ class TokenizerStage(Stage):
     """The export/target tokenizer: a given one (tokenizer.path) or a byte-level BPE trained here."""
 
     name = "tokenizer"
+    output_type = TokenizerOutput
     needs = ("corpus",)
 
     def check(self, cfg):
@@ -163,7 +166,7 @@ class TokenizerStage(Stage):
         return cfg.tokenizer
 
     def handed_on(self, outputs):
-        return [outputs["dir"], outputs["lengths"]]
+        return [outputs.dir, outputs.lengths]
 
     def run(self, ctx):
         from spokes_lightning.models.tokenizer import load_tokenizer, train_tokenizer
@@ -180,14 +183,15 @@ class TokenizerStage(Stage):
         lengths = token_lengths(tok, pool)
         save_npy_atomic(ctx.path("corpus", "lengths.npy"), lengths)
         log(f"tokenizer: vocab {len(tok)}, pool has {int(lengths.sum())} tokens")
-        return {"dir": ctx.rel(out), "vocab_size": len(tok), "lengths": "corpus/lengths.npy",
-                "pool_tokens": int(lengths.sum())}
+        return TokenizerOutput(dir=ctx.rel(out), vocab_size=len(tok), lengths="corpus/lengths.npy",
+                               pool_tokens=int(lengths.sum()))
 
 
 class ProxyStage(Stage):
     """The proxy LM whose gradients SPOKES uses: a given model (proxy.model) or one trained here."""
 
     name = "proxy"
+    output_type = ProxyOutput
     volatile = ("done.json",)  # train_seconds
     needs = ("corpus", "tokenizer")
 
@@ -201,7 +205,7 @@ class ProxyStage(Stage):
         return settings
 
     def handed_on(self, outputs):
-        return [outputs["model"]] if outputs["trained"] else []
+        return [outputs.model] if outputs.trained else []
 
     def run(self, ctx):
         cfg = ctx.cfg.proxy
@@ -209,13 +213,13 @@ class ProxyStage(Stage):
             from spokes_lightning.models.llama import load_causal_lm
 
             load_causal_lm(cfg.model)  # fail now, clearly, rather than in the features stage
-            return {"model": str(cfg.model), "trained": False}
+            return ProxyOutput(model=str(cfg.model), trained=False)
         from spokes_lightning.models.proxy_training import train_proxy
 
         out = ctx.path("proxy", "x").parent
         sample = training_sample(pool_documents(ctx), cfg.get("sample_documents"), int(ctx.cfg.seed),
                                  "proxy.sample_documents")
-        train_proxy(sample, ctx.run_dir / ctx.output("tokenizer")["dir"], out,
+        train_proxy(sample, ctx.run_dir / ctx.output(TokenizerOutput).dir, out,
                     seed=int(ctx.cfg.seed), **to_plain(cfg.train))
         done = json.loads((out / "done.json").read_text())
-        return {"model": ctx.rel(out), "trained": True, "loss": done.get("loss")}
+        return ProxyOutput(model=ctx.rel(out), trained=True, loss=done.get("loss"))

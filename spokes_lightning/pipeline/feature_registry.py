@@ -14,7 +14,10 @@ The contract:
   resumes only from chunks made from the same key (:func:`store_for_inputs`);
 * ``module(ctx)``: the feature module whose ``manifest()`` is its store's ``manifest.json``
   (None for a family that writes no store);
-* ``run(ctx)``: computes (or resumes) its feature store or score file; returns its stage outputs;
+* ``run(ctx)``: computes (or resumes) its feature store or score file; returns its part of the
+  stage's outputs: fields of :class:`~spokes_lightning.pipeline.outputs.FeaturesOutput` by name,
+  with per-document arrays for selectors as ``extras.<name>`` (``{"array": .npy, "ids": .npy}``)
+  and named scores as ``quality_scores.<name>`` (``{"scores": .npy, "ids": .npy}``);
 * ``handed_on(outputs)``: the files among the stage's outputs that later stages read (none
   when this family did not run);
 * ``check(cfg)``: preflight, one line for bad settings before any work (called when enabled).
@@ -64,7 +67,8 @@ class FeatureFamily:
     def run(self, ctx) -> dict:
         raise NotImplementedError
 
-    def handed_on(self, outputs: dict) -> list[str]:
+    def handed_on(self, outputs) -> list[str]:
+        """``outputs``: the features stage's :class:`~spokes_lightning.pipeline.outputs.FeaturesOutput`."""
         return []
 
     def check(self, cfg) -> None:
@@ -213,8 +217,8 @@ class QualitySource(FeatureFamily):
         return {"quality_source": self.source, **extra,
                 "quality": "features/quality.npy", "quality_ids": "features/quality_ids.npy"}
 
-    def handed_on(self, outputs: dict) -> list[str]:
-        return [outputs["quality"], outputs["quality_ids"]] if outputs.get("quality_source") == self.source else []
+    def handed_on(self, outputs) -> list[str]:
+        return [outputs.quality, outputs.quality_ids] if outputs.quality_source == self.source else []
 
 
 def check_quality_source(cfg, registered: list[FeatureFamily]) -> None:

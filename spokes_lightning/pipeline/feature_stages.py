@@ -6,11 +6,13 @@ from __future__ import annotations
 from spokes_lightning.pipeline.families import all_families as families
 from spokes_lightning.pipeline.feature_registry import check_quality_source
 from spokes_lightning.pipeline.preflight import hub_resource
+from spokes_lightning.pipeline.outputs import FeaturesOutput
 from spokes_lightning.pipeline.stage import Stage
 
 
 class FeaturesStage(Stage):
     name = "features"
+    output_type = FeaturesOutput
     all_ranks = True  # extraction is Lightning DDP over the torchrun ranks (registry.extract_kwargs)
     volatile = ("manifest.json",)  # store manifests name the proxy's path, which moves with the run_dir
     needs = ("corpus", "tokenizer", "proxy")
@@ -41,4 +43,4 @@ class FeaturesStage(Stage):
         for family in registered:
             if family.enabled(ctx.cfg):
                 out.update(family.run(ctx))
-        return out
+        return FeaturesOutput.from_json(out)

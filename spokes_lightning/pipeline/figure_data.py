@@ -110,10 +110,12 @@ def fig5_study(reference: np.ndarray, k_values, fractions, seed: int) -> list[di
 def proxy_model_ref(ctx) -> str | None:
     """The run's proxy LM (its directory, or the configured hub id), or None when the gradient
     features were imported (then they did not come from this run's proxy)."""
-    if ctx.output("features").get("gradients_imported_from"):
+    from spokes_lightning.pipeline.outputs import FeaturesOutput, ProxyOutput
+
+    if ctx.output(FeaturesOutput).gradients_imported_from:
         return None
-    proxy = ctx.output("proxy")
-    return str(ctx.run_dir / proxy["model"]) if proxy["trained"] else str(proxy["model"])
+    proxy = ctx.output(ProxyOutput)
+    return str(ctx.run_dir / proxy.model) if proxy.trained else str(proxy.model)
 
 
 def calibration_studies(ctx, pool) -> dict:

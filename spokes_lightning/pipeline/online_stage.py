@@ -28,6 +28,7 @@ from spokes_lightning.utils.atomic import write_json_atomic, write_text_atomic
 from spokes_lightning.utils.errors import UserError
 from spokes_lightning.pipeline.report_online import comparison_table
 from spokes_lightning.pipeline.data_stages import export_tokenizer, pool_documents, validation_documents
+from spokes_lightning.pipeline.outputs import FeaturesOutput, OnlineOutput, SelectOutput
 from spokes_lightning.pipeline.stage import RunContext, Stage, log, to_plain
 from spokes_lightning.utils.settings_hash import settings_hash
 
@@ -45,14 +46,14 @@ def _steps(cfg) -> int:
 
 
 def _quality(ctx: RunContext) -> dict[str, float] | None:
-    feats = ctx.output("features")
-    if not feats.get("quality"):
+    feats = ctx.output(FeaturesOutput)
+    if not feats.quality:
         return None
     from spokes_lightning.data.id_arrays import IdArray, id_array
     from spokes_lightning.pipeline.feature_registry import read_ids
 
-    ids = list(IdArray(id_array(read_ids(ctx.run_dir / feats["quality_ids"]))))
-    return dict(zip(ids, np.load(ctx.run_dir / feats["quality"]).astype(float).ravel().tolist()))
+    ids = list(IdArray(id_array(read_ids(ctx.run_dir / feats.quality_ids))))
+    return dict(zip(ids, np.load(ctx.run_dir / feats.quality).astype(float).ravel().tolist()))
 
 
 def train_arm(ctx: RunContext, arm: str, out_dir: Path, static_ids) -> dict:
@@ -158,6 +159,7 @@ def check_online(cfg) -> None:
 
 class OnlineStage(Stage):
     name = "online"
+    output_type = OnlineOutput
     needs = ("corpus", "tokenizer", "features", "select")
 
     def settings(self, cfg):
@@ -170,7 +172,7 @@ class OnlineStage(Stage):
             check_online(cfg)
 
     def handed_on(self, outputs):
-        return [outputs["table"], outputs["comparison"]] if outputs else []
+        return [outputs.table, outputs.comparison] if outputs.ran else []
 
     def run(self, ctx):
         from spokes_lightning.evaluation import evaluate_model
@@ -180,21 +182,21 @@ class OnlineStage(Stage):
 
         cfg, o = ctx.cfg, ctx.cfg.online
         if not o.enabled:
-            return {}
-        methods = ctx.output("select")["methods"]
+            return OnlineOutput()
+        methods = ctx.output(SelectOutput).methods
         static_ids = None
         if "static" in o.arms or o.fallback == "static":
             if o.static_method not in methods:
                 raise UserError(f"online.static_method {o.static_method!r} was not selected "
                                 f"(selected: {', '.join(methods)})")
-            static_ids = read_selection(ctx.run_dir / methods[o.static_method]["selection"]).ids
+            static_ids = read_selection(ctx.run_dir / methods[o.static_method].selection).ids
         records = {arm: train_arm(ctx, arm, ctx.path("online", arm), static_ids if arm == "static" or
                                   (arm == "online" and o.fallback == "static") else None) for arm in o.arms}
         ids_by_arm = {arm: r["trained_on"] for arm, r in records.items()}
         texts = {d.id: d.text for d in pool_documents(ctx)}
-        feats = ctx.output("features")
-        if feats.get("gradients_independent"):
-            store = open_feature_store(ctx.run_dir / feats["gradients_independent"])
+        feats = ctx.output(FeaturesOutput)
+        if feats.gradients_independent:
+            store = open_feature_store(ctx.run_dir / feats.gradients_independent)
             for arm, r in records.items():
                 r["gvendi_proxy_independent"] = vendi_score(store.rows_of(ids_by_arm[arm]))
         scorer = "random" if "random" in records else next(iter(records))
@@ -214,4 +216,4 @@ class OnlineStage(Stage):
         summary = {arm: {k: v for k, v in r.items() if k not in ("trained_on", "segments")} for arm, r in records.items()}
         write_json_atomic(ctx.path("online", "comparison.json"), summary)
         log("online: comparison\n" + table)
-        return {"table": "online/comparison.md", "comparison": "online/comparison.json", "arms": summary}
+        return OnlineOutput(table="online/comparison.md", comparison="online/comparison.json", arms=summary)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from spokes_lightning.pipeline.outputs import OnlineOutput
+
 #: what each arm is, in the report's words
 ARM_NAMES = {"random": "random", "static": "static SPOKES", "online": "online SPOKES"}
 
@@ -21,11 +23,11 @@ def _scorer(records: dict) -> str | None:
     return None
 
 
-def online_markdown(outputs: dict | None, run_dir: Path, online_cfg) -> str:
+def online_markdown(outputs: OnlineOutput | None, run_dir: Path, online_cfg) -> str:
     """``## Online reselection``: the stage's comparison table and what it shows; "" without one."""
-    if not outputs or not outputs.get("comparison"):
+    if outputs is None or not outputs.ran:
         return ""
-    records = json.loads((Path(run_dir) / outputs["comparison"]).read_text())
+    records = json.loads((Path(run_dir) / outputs.comparison).read_text())
     if not records:
         return ""
     scorer = _scorer(records)

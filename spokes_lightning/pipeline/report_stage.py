@@ -14,38 +14,47 @@ from spokes_lightning.pipeline import plots
 from spokes_lightning.pipeline.data_stages import pool_documents, pool_rows
 from spokes_lightning.core.overlap import subset_overlap_pct
 from spokes_lightning.pipeline.select_stage import ordered_methods, selection_pool, spokes_method
+from spokes_lightning.pipeline.outputs import (CorpusOutput, EvaluateOutput, ExportOutput, FeaturesOutput,
+                                               OnlineOutput, PretrainOutput, ReportOutput, SelectedMethod,
+                                               SelectOutput)
 from spokes_lightning.pipeline.stage import RunContext, Stage
 
 #: the report's source-mix column names this many sources, the rest as "other"
 SOURCE_MIX_TOP = 3
 
 
-def method_summary(ctx: RunContext, method: str, sel_info: dict, pool, independent) -> dict:
+def _pretrained(ctx: RunContext) -> dict:
+    out = ctx.optional(PretrainOutput)
+    return out.methods if out else {}
+
+
+def method_summary(ctx: RunContext, method: str, sel_info: SelectedMethod, pool, independent) -> dict:
     cfg = ctx.cfg
-    sel = read_selection(ctx.run_dir / sel_info["selection"])
+    sel = read_selection(ctx.run_dir / sel_info.selection)
     idx = np.asarray(sel.indices)
     feats = pool.inputs.features
     rows = np.asarray(feats[np.sort(idx)], dtype=np.float32)
     b = cfg.report.batch_gvendi
     bsize = min(int(b.batch_size), len(idx))
-    pre = ctx.results.get("pretrain", {}).get(method, {})
-    ev = ctx.results.get("evaluate", {}).get("scores", {}).get(method)
-    exp = ctx.results.get("export", {}).get(method, {})
+    pre = _pretrained(ctx).get(method)
+    evaluated, exported = ctx.optional(EvaluateOutput), ctx.optional(ExportOutput)
+    ev = evaluated.scores.get(method) if evaluated else None
+    exp = exported.methods.get(method) if exported else None
     return {
         "n_selected": int(len(idx)),
         "n_copies": int(sel.copies().sum()),  # documents counted with their multiplicity (QuaDMix)
-        "n_tokens": int(exp.get("n_tokens", sel_info["n_tokens"])),
-        "epochs": pre.get("epochs"),
+        "n_tokens": int(exp.n_tokens if exp else sel_info.n_tokens),
+        "epochs": pre.epochs if pre else None,
         "gvendi": vendi_score(rows),
         "gvendi_independent": vendi_score(independent.rows_of(sel.ids)) if independent is not None else None,
         "batch_gvendi": batch_vendi_score(feats, bsize, int(b.batches), seed=int(cfg.seed), indices=idx),
         "mean_quality": float(np.mean(pool.inputs.quality[idx])),
         "mean_length": float(np.mean(pool.lengths[idx])),
-        "val_loss": pre.get("val_loss"),
+        "val_loss": pre.val_loss if pre else None,
         "eval": None if ev is None else {**{t: {k: ev[t][k] for k in ("acc", "stderr", "chance")} for t in ev
                                                if t != "avg"}, "avg": ev["avg"]},
-        "selection": sel_info["selection"],
-        "megatron_prefix": exp.get("megatron_prefix"),
+        "selection": sel_info.selection,
+        "megatron_prefix": exp.megatron_prefix if exp else None,
     }
 
 
@@ -53,7 +62,8 @@ def item_scores_by_method(ctx: RunContext) -> dict:
     """``{method: {task: 0/1 array (seeds, items)}}`` from the evaluate stage's item files."""
     from spokes_lightning.evaluation.item_scores import load_item_scores
 
-    items = ctx.results.get("evaluate", {}).get("items", {})
+    evaluated = ctx.optional(EvaluateOutput)
+    items = evaluated.items if evaluated else {}
     return {m: load_item_scores(ctx.run_dir / path) for m, path in items.items()}
 
 
@@ -67,8 +77,8 @@ def table2(ctx: RunContext, summary: dict, tasks: list[str]) -> str:
     data = table2_data(items, tasks, baseline="random", seed=int(ctx.cfg.seed))
     summary["table2"] = data
     chance = summary["methods"][next(iter(items))]["eval"]
-    losses = {m: [r["val_loss"] for r in ctx.results.get("pretrain", {}).get(m, {}).get("runs", [])]
-              for m in items}
+    pretrained = _pretrained(ctx)
+    losses = {m: [r.val_loss for r in pretrained[m].runs] if m in pretrained else [] for m in items}
     losses = {m: v for m, v in losses.items() if v and None not in v}
     return table2_markdown(items, tasks, chance={t: chance[t]["chance"] for t in tasks}, data=data,
                            val_losses=losses or None)
@@ -111,27 +121,27 @@ def selection_table(ctx: RunContext, summary: dict) -> str:
     return head + "".join(lines)
 
 
-def corpus_line(corpus: dict) -> str:
+def corpus_line(corpus: CorpusOutput) -> str:
     """How the pool was read: documents read, held out, and malformed records passed over."""
-    line = (f"\nCorpus: {corpus['n_read']} documents read from {corpus.get('inputs', '?')} input(s), "
-            f"{corpus['n_validation']} held out for validation, {corpus['n_pool']} in the pool")
-    if corpus.get("skipped_records"):
-        line += (f"; {corpus['skipped_records']} malformed record(s) skipped (`data.on_error: skip`), "
-                 f"e.g. {corpus['skipped_examples'][0]}")
-    if corpus.get("empty_texts"):
-        line += f"; {corpus['empty_texts']} empty text(s) left out (nothing to select them by)"
+    inputs = "?" if corpus.inputs is None else corpus.inputs
+    line = (f"\nCorpus: {corpus.n_read} documents read from {inputs} input(s), "
+            f"{corpus.n_validation} held out for validation, {corpus.n_pool} in the pool")
+    if corpus.skipped_records:
+        line += (f"; {corpus.skipped_records} malformed record(s) skipped (`data.on_error: skip`), "
+                 f"e.g. {corpus.skipped_examples[0]}")
+    if corpus.empty_texts:
+        line += f"; {corpus.empty_texts} empty text(s) left out (nothing to select them by)"
     return line + ".\n"
 
 
-def feature_sources(feats: dict) -> str:
+def feature_sources(feats: FeaturesOutput) -> str:
     """Where the gradient features and embeddings came from (one line), and why an independent column is n/a."""
-    def origin(key: str, computed: str) -> str:
-        path = feats.get(f"{key}_imported_from")
+    def origin(path: str | None, computed: str) -> str:
         return f"imported from `{path}`" if path else computed
 
-    line = (f"Features: gradients {origin('gradients', 'computed here with the proxy LM')}; "
-            f"embeddings {origin('embeddings', 'computed here')}.\n\n")
-    if feats.get("gradients_imported_from"):
+    line = (f"Features: gradients {origin(feats.gradients_imported_from, 'computed here with the proxy LM')}; "
+            f"embeddings {origin(feats.embeddings_imported_from, 'computed here')}.\n\n")
+    if feats.gradients_imported_from:
         line += ("The gradient features were imported: there is no independent projection of them, so the "
                  "G-Vendi (indep. proj.) column is n/a.\n\n")
     return line
@@ -256,6 +266,7 @@ def fig5_markdown(result: dict | None, paper: dict) -> str:
 
 class ReportStage(Stage):
     name = "report"
+    output_type = ReportOutput
     volatile = ("summary.json",)  # stage_seconds
     needs = ("corpus", "tokenizer", "features", "select", "export", "pretrain", "evaluate", "online")
 
@@ -263,24 +274,24 @@ class ReportStage(Stage):
         return {"report": cfg.report, "wandb": cfg.wandb}
 
     def handed_on(self, outputs):
-        return [outputs["summary"], outputs["report"], *outputs["figures"].values()]
+        return [outputs.summary, outputs.report, *outputs.figures.values()]
 
     def run(self, ctx):
         started = time.perf_counter()
         cfg = ctx.cfg
         pool = selection_pool(ctx)
-        feats = ctx.output("features")
-        independent = (open_feature_store(ctx.run_dir / feats["gradients_independent"])
-                       if feats.get("gradients_independent") else None)
-        select = ctx.output("select")
+        feats = ctx.output(FeaturesOutput)
+        independent = (open_feature_store(ctx.run_dir / feats.gradients_independent)
+                       if feats.gradients_independent else None)
+        select = ctx.output(SelectOutput)
         summary = {
             "recipe": str(cfg.recipe_name),
             "n_documents": len(pool.ids),
             "batch_gvendi": {"batch_size": int(cfg.report.batch_gvendi.batch_size),
                              "batches": int(cfg.report.batch_gvendi.batches)},
             "stage_seconds": {},  # filled in last: every stage's wall time, this one's included
-            "methods": {m: method_summary(ctx, m, select["methods"][m], pool, independent)
-                        for m in ordered_methods(cfg, select["methods"])},
+            "methods": {m: method_summary(ctx, m, select.methods[m], pool, independent)
+                        for m in ordered_methods(cfg, select.methods)},
         }
         figures = self.figures(ctx, pool, select, summary)
         report = self.markdown(ctx, summary, figures)
@@ -291,7 +302,7 @@ class ReportStage(Stage):
             from spokes_lightning.pipeline.wandb_log import log_comparison
 
             log_comparison(ctx, summary)
-        return {"summary": "summary.json", "report": "report.md", "figures": figures}
+        return ReportOutput(summary="summary.json", report="report.md", figures=figures)
 
     def figures(self, ctx, pool, select, summary) -> dict:
         out = {}
@@ -305,7 +316,7 @@ class ReportStage(Stage):
             ks, curves, rand = rounding_curves(pool.inputs.features, params, seed)
             plots.gvendi_vs_k(fig_dir / "fig3_gvendi_vs_k.png", ks, curves, rand)
             out["fig3"] = "figures/fig3_gvendi_vs_k.png"
-            spokes_rows = read_selection(ctx.run_dir / select["methods"][name]["selection"]).indices
+            spokes_rows = read_selection(ctx.run_dir / select.methods[name].selection).indices
             summary["rounding_curves"] = {"k": ks, "random": rand, **curves}
             summary["representations"] = representation_table(pool.inputs.features, pool.inputs.embeddings,
                                                                np.asarray(spokes_rows), params, seed)
@@ -313,10 +324,10 @@ class ReportStage(Stage):
             out["fig4"] = "figures/fig4_representations.png"
         from spokes_lightning.pipeline.figure_data import calibration_studies, paper_figures
 
-        if select.get("alpha_sweep"):
-            sweep = json.loads((ctx.run_dir / select["alpha_sweep"]).read_text())
-            plots.alpha_tradeoff(fig_dir / "fig1_alpha_tradeoff.png", sweep["rows"], select["alpha"])
-            plots.alpha_overlaps(fig_dir / "fig2_overlaps.png", sweep["rows"], select["alpha"],
+        if select.alpha_sweep:
+            sweep = json.loads((ctx.run_dir / select.alpha_sweep).read_text())
+            plots.alpha_tradeoff(fig_dir / "fig1_alpha_tradeoff.png", sweep["rows"], select.alpha)
+            plots.alpha_overlaps(fig_dir / "fig2_overlaps.png", sweep["rows"], select.alpha,
                                  paper_figures()["fig2"]["rows"])
             out.update(fig1="figures/fig1_alpha_tradeoff.png", fig2="figures/fig2_overlaps.png")
         summary.update(calibration_studies(ctx, pool))  # paper Table 1 and Fig. 5 on this run's proxy and pool
@@ -325,10 +336,10 @@ class ReportStage(Stage):
                              paper_figures()["fig5"])
             out["fig5"] = "figures/fig5_jl_overlap.png"
         curves = {}
-        for m, p in ctx.results.get("pretrain", {}).items():
+        for m, p in _pretrained(ctx).items():
             from spokes_lightning.models.pretrain_record import read_curve
 
-            curves[m] = read_curve(ctx.run_dir / p["metrics"])
+            curves[m] = read_curve(ctx.run_dir / p.metrics)
         if curves:
             plots.training_curves(fig_dir / "training_curves.png", curves)
             out["curves"] = "figures/training_curves.png"
@@ -341,18 +352,19 @@ class ReportStage(Stage):
 
         cfg = ctx.cfg
         tasks = list(cfg.evaluate.tasks)
-        sel = ctx.output("select")
-        contamination = ctx.results.get("evaluate", {}).get("contamination", {})
+        sel = ctx.output(SelectOutput)
+        evaluated = ctx.optional(EvaluateOutput)
+        contamination = evaluated.contamination if evaluated else {}
         from spokes_lightning.pipeline.figure_data import paper_figures
 
         paper = paper_figures()
         parts = [f"# spokes-lightning report: recipe `{summary['recipe']}`\n",
-                 f"Pool: {summary['n_documents']} selectable documents ({sel['n_unselectable']} without features, "
+                 f"Pool: {summary['n_documents']} selectable documents ({sel.n_unselectable} without features, "
                  f"counted not selected); budget {cfg.selection.budget} ({cfg.selection.budget_unit}); ",
-                 (f"alpha for spokes_quality = {sel['alpha']:g}"  # None: no SPOKES method, no alpha chosen
+                 (f"alpha for spokes_quality = {sel.alpha:g}"  # None: no SPOKES method, no alpha chosen
                   f"{' (auto, paper section 3.2)' if cfg.selection.alpha == 'auto' else ''}.\n"
-                  if sel.get("alpha") is not None else "no SPOKES method, so no alpha.\n"),
-                 corpus_line(ctx.output("corpus")),
+                  if sel.alpha is not None else "no SPOKES method, so no alpha.\n"),
+                 corpus_line(ctx.output(CorpusOutput)),
                  "\n## Downstream accuracy (paper Table 2 layout)\n\n",
                  table2(ctx, summary, tasks),
                  "\nShots: ", shots_markdown(cfg.evaluate.get("num_fewshot"), tasks),
@@ -360,18 +372,18 @@ class ReportStage(Stage):
                  "other, not with the published 1B/100B-token numbers below.\n\n", paper_reference(),
                  "\n## Selections\n\nG-Vendi is on the gradient features SPOKES optimized; the independent column "
                  "re-scores the same documents under a gradient sketch with another projection seed.\n\n",
-                 feature_sources(ctx.output("features")),
+                 feature_sources(ctx.output(FeaturesOutput)),
                  selection_table(ctx, summary), representation_markdown(summary),
-                 alpha_overlap_markdown(json.loads((ctx.run_dir / sel["alpha_sweep"]).read_text())
-                                        if sel.get("alpha_sweep") else None, sel["alpha"], paper["fig2"]),
+                 alpha_overlap_markdown(json.loads((ctx.run_dir / sel.alpha_sweep).read_text())
+                                        if sel.alpha_sweep else None, sel.alpha, paper["fig2"]),
                  gvendi_vs_k_markdown(summary, paper["fig3"]),
                  table1_markdown(summary.get("table1"), paper["table1"], int(cfg.features.gradients.n_layers)),
                  fig5_markdown(summary.get("fig5"), paper["fig5"]),
                  "\n## Decontamination (documents sharing a "
                  f"{cfg.evaluate.decontamination_ngram}-gram with any evaluation item)\n\n| Method | contaminated | of |\n|---|---|---|\n",
-                 "".join(f"| {m} | {contamination[m]['n_contaminated']} | {contamination[m]['n_documents']} |\n"
+                 "".join(f"| {m} | {contamination[m].n_contaminated} | {contamination[m].n_documents} |\n"
                          for m in ordered_methods(cfg, contamination)),
-                 online_markdown(ctx.results.get("online"), ctx.run_dir, cfg.get("online")),
+                 online_markdown(ctx.optional(OnlineOutput), ctx.run_dir, cfg.get("online")),
                  "\n## Departures from OLMES\n\n", departures_markdown(
                      OLMES_DEPARTURES, summary.get("table2", {}).get("n_items"), str(cfg.evaluate.split),
                      None if cfg.evaluate.limit is None else int(cfg.evaluate.limit)),

@@ -24,6 +24,7 @@ from spokes_lightning.selection.pool import Lazy, SelectionPool
 from spokes_lightning.selectors import load_plugins, selector_class
 from spokes_lightning.selectors.spokes import SpokesSelector, alpha_sweep
 from spokes_lightning.pipeline.data_stages import documents_by_ids, export_tokenizer, pool_documents, validation_documents
+from spokes_lightning.pipeline.outputs import FeaturesOutput, SelectedMethod, SelectOutput, TokenizerOutput
 from spokes_lightning.pipeline.stage import RunContext, Stage, log, to_plain
 
 
@@ -31,14 +32,14 @@ def selection_pool(ctx: RunContext) -> SelectionPool:
     """The pool of this run (built once per process from the features and tokenizer stages)."""
     if ctx.selection_pool is not None:
         return ctx.selection_pool
-    feats = ctx.output("features")
-    grads = open_feature_store(ctx.run_dir / feats["gradients"])
-    emb = open_feature_store(ctx.run_dir / feats["embeddings"])
-    quality = np.load(ctx.run_dir / feats["quality"])
-    q_ids = read_ids(ctx.run_dir / feats["quality_ids"])
+    feats = ctx.output(FeaturesOutput)
+    grads = open_feature_store(ctx.run_dir / feats.gradients)
+    emb = open_feature_store(ctx.run_dir / feats.embeddings)
+    quality = np.load(ctx.run_dir / feats.quality)
+    q_ids = read_ids(ctx.run_dir / feats.quality_ids)
     docs = pool_documents(ctx)
     doc_ids = pool_id_array(docs)
-    lengths = np.load(ctx.run_dir / ctx.output("tokenizer")["lengths"])
+    lengths = np.load(ctx.run_dir / ctx.output(TokenizerOutput).lengths)
     sources = {"features": (grads.ids, grads.matrix), "embeddings": (emb.ids, emb.matrix),
                "quality": (q_ids, quality), "lengths": (doc_ids, lengths)}
     rule = domain_rule(ctx.cfg)
@@ -47,16 +48,14 @@ def selection_pool(ctx: RunContext) -> SelectionPool:
         sources["domains"] = (doc_ids, labels)
     named = {str(ctx.cfg.quality.source): (q_ids, quality)}
     extras = {}
-    for key, value in feats.items():  # what feature families hand on under these two prefixes
-        if key.startswith("quality_scores."):  # {scores: .npy, ids: .json}: a named per-document score
-            named[key.split(".", 1)[1]] = (read_ids(ctx.run_dir / value["ids"]),
-                                           np.load(ctx.run_dir / value["scores"]))
-        elif key.startswith("extras."):  # {array: .npy[, ids: .json]}: per document with ids, else global
-            array = np.load(ctx.run_dir / value["array"])
-            if value.get("ids"):
-                sources[key] = (read_ids(ctx.run_dir / value["ids"]), array)
-            else:
-                extras[key.split(".", 1)[1]] = array
+    for name, scores in feats.quality_scores.items():  # named per-document scores of the feature families
+        named[name] = (read_ids(ctx.run_dir / scores.ids), np.load(ctx.run_dir / scores.scores))
+    for name, extra in feats.extras.items():  # their arrays for selectors: per document with ids, else global
+        array = np.load(ctx.run_dir / extra.array)
+        if extra.ids:
+            sources[f"extras.{name}"] = (read_ids(ctx.run_dir / extra.ids), array)
+        else:
+            extras[name] = array
     pool = SelectionPool.join(sources, quality_scores=named, n_total=len(docs))
     if extras:
         pool.inputs.extras = {**(pool.inputs.extras or {}), **extras}
@@ -216,6 +215,7 @@ def check_alpha_settings(cfg) -> None:
 
 class SelectStage(Stage):
     name = "select"
+    output_type = SelectOutput
     all_ranks = True  # collective selectors (SPOKES) shard the pool's rows over the ranks
     volatile = ("manifest.json",)  # selection manifests hold a creation time and the selector's timings
     needs = ("corpus", "tokenizer", "features")
@@ -237,8 +237,8 @@ class SelectStage(Stage):
         check_alpha_settings(cfg)
 
     def handed_on(self, outputs):
-        return [v["selection"] for v in outputs["methods"].values()] + [
-            outputs[key] for key in ("alpha_sweep", "auto_params") if outputs.get(key)]
+        return [v.selection for v in outputs.methods.values()] + [
+            path for path in (outputs.alpha_sweep, outputs.auto_params) if path]
 
     def run(self, ctx):
         cfg = ctx.cfg
@@ -262,12 +262,12 @@ class SelectStage(Stage):
         records: dict = {}
         written = select_methods(pool, specs, str(sel.budget), str(sel.budget_unit), seed, ctx.run_dir / "selections",
                                  fixed={"alpha": alpha, "alpha_grid": grid}, records=records, log=log)
-        out = {"n_pool": pool.n, "n_unselectable": pool.n_unselectable, "alpha": alpha, "methods": {},
-               "alpha_sweep": "select/alpha_sweep.json" if sweep else None}
         if records:  # how each "auto" parameter was resolved (e.g. QuaDMix's search)
             write_json_atomic(ctx.path("select", "auto_params.json"), records)
-            out["auto_params"] = "select/auto_params.json"
-        for method, info in written.items():
-            out["methods"][method] = {"selection": ctx.rel(info["path"]), "n_selected": info["n_selected"],
-                                      "n_copies": info["n_copies"], "n_tokens": info["n_tokens"]}
-        return out
+        return SelectOutput(
+            n_pool=pool.n, n_unselectable=pool.n_unselectable, alpha=alpha,
+            methods={method: SelectedMethod(selection=ctx.rel(info["path"]), n_selected=info["n_selected"],
+                                            n_copies=info["n_copies"], n_tokens=info["n_tokens"])
+                     for method, info in written.items()},
+            alpha_sweep="select/alpha_sweep.json" if sweep else None,
+            auto_params="select/auto_params.json" if records else None)

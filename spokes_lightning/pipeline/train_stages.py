@@ -10,12 +10,15 @@ from spokes_lightning.data.selection_artifact import read_selection
 from spokes_lightning.pipeline.data_stages import documents_by_ids, export_tokenizer, pool_documents, pool_rows, validation_documents
 from spokes_lightning.pipeline.select_stage import ordered_methods
 from spokes_lightning.pipeline.preflight import document_limit
+from spokes_lightning.pipeline.outputs import (Contamination, EvaluateOutput, ExportedMethod, ExportOutput,
+                                               PretrainedMethod, PretrainOutput, PretrainRun, SelectOutput,
+                                               TokenizerOutput)
 from spokes_lightning.pipeline.stage import RunContext, Stage, log, to_plain
 
 
 def _selected_rows(ctx: RunContext, method: str):
     """(the pool rows of the method's documents in selection order, the copies of each)."""
-    sel = read_selection(ctx.run_dir / ctx.output("select")["methods"][method]["selection"])
+    sel = read_selection(ctx.run_dir / ctx.output(SelectOutput).methods[method].selection)
     return pool_rows(ctx, sel.ids), sel.copies()
 
 
@@ -23,6 +26,7 @@ class ExportStage(Stage):
     """Per method: jsonl.gz + parquet, Megatron .bin/.idx (one EOD per doc), a LLaMA-1B launch script."""
 
     name = "export"
+    output_type = ExportOutput
     needs = ("corpus", "tokenizer", "select")
     all_ranks = True  # tokenizer shards are split over the ranks (shard s on rank s % world), rank 0 merges
 
@@ -30,9 +34,9 @@ class ExportStage(Stage):
         return {k: v for k, v in to_plain(cfg.export).items() if k != "workers"}  # workers: who, not what
 
     def handed_on(self, outputs):
-        return [path for exp in outputs.values()
-                for path in (exp["megatron_prefix"] + ".bin", exp["megatron_prefix"] + ".idx", exp["script"],
-                             exp["jsonl"], exp["parquet"])]
+        return [path for exp in outputs.methods.values()
+                for path in (exp.megatron_prefix + ".bin", exp.megatron_prefix + ".idx", exp.script,
+                             exp.jsonl, exp.parquet)]
 
     def run(self, ctx):
         from spokes_lightning.megatron.export import export_selection
@@ -41,19 +45,20 @@ class ExportStage(Stage):
         out = {}
         e = ctx.cfg.export
         pool = pool_documents(ctx)
-        for method in ordered_methods(ctx.cfg, ctx.output("select")["methods"]):
+        for method in ordered_methods(ctx.cfg, ctx.output(SelectOutput).methods):
             rows, copies = _selected_rows(ctx, method)
             res = export_selection(pool, rows, method, ctx.run_dir, tok, copies=copies,
                                    workers=int(e.get("workers") or 1), seq_length=int(e.seq_length),
                                    global_batch_size=int(e.global_batch_size), lr=float(e.lr),
                                    train_tokens=float(e.train_tokens))
-            out[method] = {"n_docs": res.n_docs, "n_tokens": res.n_tokens_without_eod,
-                           "megatron_prefix": ctx.rel(Path(res.data_prefix + ".bin"))[: -len(".bin")],
-                           "script": ctx.rel(Path(res.script_path)), "jsonl": ctx.rel(Path(res.jsonl_path)),
-                           "parquet": ctx.rel(Path(res.parquet_path)),
-                           "timings": {k: v for k, v in res.timings.items() if k.endswith("_s")}}
-            log(f"export: {method}: {res.n_docs} documents, {res.n_tokens_without_eod} tokens -> {out[method]['megatron_prefix']}")
-        return out
+            out[method] = ExportedMethod(
+                n_docs=res.n_docs, n_tokens=res.n_tokens_without_eod,
+                megatron_prefix=ctx.rel(Path(res.data_prefix + ".bin"))[: -len(".bin")],
+                script=ctx.rel(Path(res.script_path)), jsonl=ctx.rel(Path(res.jsonl_path)),
+                parquet=ctx.rel(Path(res.parquet_path)),
+                timings={k: v for k, v in res.timings.items() if k.endswith("_s")})
+            log(f"export: {method}: {res.n_docs} documents, {res.n_tokens_without_eod} tokens -> {out[method].megatron_prefix}")
+        return ExportOutput(methods=out)
 
 
 def pretrain_seeds(cfg) -> list[int]:
@@ -80,13 +85,14 @@ class PretrainStage(Stage):
     """Same small Megatron-architecture LLaMA, same seeds, same token budget for every method, on its Megatron data."""
 
     name = "pretrain"
+    output_type = PretrainOutput
     needs = ("corpus", "tokenizer", "export")
 
     def settings(self, cfg):
         return {"pretrain": cfg.pretrain, "seed": cfg.seed}
 
     def handed_on(self, outputs):
-        return [path for pre in outputs.values() for run in pre["runs"] for path in (run["model_dir"], run["metrics"])]
+        return [path for pre in outputs.methods.values() for run in pre.runs for path in (run.model_dir, run.metrics)]
 
     def run(self, ctx):
         from spokes_lightning.megatron.dataset import indexed_dataset_stats
@@ -96,12 +102,12 @@ class PretrainStage(Stage):
         if not p.enabled:
             log("pretrain: disabled in this recipe (run the generated Megatron scripts; evaluate.checkpoints "
                 "brings their checkpoints back)")
-            return {}
+            return PretrainOutput()
         tok = export_tokenizer(ctx)
         val = [d.text for d in validation_documents(ctx)]
-        exports = ctx.output("export")
+        exports = ctx.output(ExportOutput).methods
         methods = ordered_methods(ctx.cfg, exports)
-        sizes = {m: indexed_dataset_stats(ctx.run_dir / exports[m]["megatron_prefix"])[1] for m in methods}
+        sizes = {m: indexed_dataset_stats(ctx.run_dir / exports[m].megatron_prefix)[1] for m in methods}
         budget = pretrain_token_budget(ctx.cfg, sizes)
         log(f"pretrain: {budget} tokens per model ({budget / max(sizes.values()):.2f} epochs of the largest "
             f"selection), seeds {pretrain_seeds(ctx.cfg)}")
@@ -110,23 +116,23 @@ class PretrainStage(Stage):
             runs = []
             for seed in pretrain_seeds(ctx.cfg):
                 res = pretrain_on_megatron_data(
-                    ctx.run_dir / exports[method]["megatron_prefix"], tok,
+                    ctx.run_dir / exports[method].megatron_prefix, tok,
                     ctx.run_dir / "pretrain" / method / f"seed_{seed}", token_budget=budget,
                     seq_length=int(p.seq_length), n_layers=int(p.n_layers), hidden=int(p.hidden),
                     heads=int(p.heads), batch_size=int(p.batch_size), lr=float(p.lr), seed=seed,
                     devices=p.devices, strategy=p.strategy, val_documents=val)
-                runs.append({"seed": seed, "model_dir": ctx.rel(Path(res.model_dir)),
-                             "checkpoint": ctx.rel(Path(res.out_dir) / "megatron"),
-                             "metrics": ctx.rel(Path(res.metrics_path)), "final_loss": res.final_loss,
-                             "val_loss": res.val_loss})
+                runs.append(PretrainRun(seed=seed, model_dir=ctx.rel(Path(res.model_dir)),
+                                        checkpoint=ctx.rel(Path(res.out_dir) / "megatron"),
+                                        metrics=ctx.rel(Path(res.metrics_path)), final_loss=res.final_loss,
+                                        val_loss=res.val_loss))
                 log(f"pretrain: {method} seed {seed}: {res.steps} steps, {res.epochs:.2f} epochs, final loss "
                     f"{res.final_loss:.3f}, val loss {res.val_loss:.3f}")
-            first = runs[0]
-            out[method] = {"model_dir": first["model_dir"], "metrics": first["metrics"], "steps": res.steps,
-                           "tokens_seen": res.tokens_seen, "dataset_tokens": res.dataset_tokens, "epochs": res.epochs,
-                           "final_loss": float(np.mean([r["final_loss"] for r in runs])),
-                           "val_loss": float(np.mean([r["val_loss"] for r in runs])), "runs": runs}
-        return out
+            out[method] = PretrainedMethod(
+                model_dir=runs[0].model_dir, metrics=runs[0].metrics, steps=res.steps, tokens_seen=res.tokens_seen,
+                dataset_tokens=res.dataset_tokens, epochs=res.epochs,
+                final_loss=float(np.mean([r.final_loss for r in runs])),
+                val_loss=float(np.mean([r.val_loss for r in runs])), runs=runs)
+        return PretrainOutput(methods=out)
 
 
 def models_to_evaluate(ctx: RunContext) -> dict[str, list[tuple[str, Path]]]:
@@ -140,7 +146,7 @@ def models_to_evaluate(ctx: RunContext) -> dict[str, list[tuple[str, Path]]]:
 
     e = ctx.cfg.evaluate
     if e.get("checkpoints"):
-        tokenizer = e.get("tokenizer") or (ctx.run_dir / ctx.output("tokenizer")["dir"])
+        tokenizer = e.get("tokenizer") or (ctx.run_dir / ctx.output(TokenizerOutput).dir)
         out = {}
         for method, dirs in to_plain(e.checkpoints).items():
             dirs = [dirs] if isinstance(dirs, str) else list(dirs)
@@ -148,8 +154,9 @@ def models_to_evaluate(ctx: RunContext) -> dict[str, list[tuple[str, Path]]]:
                                                                  cache_dir=ctx.run_dir / "evaluate" / "converted" / method / str(i)))
                            for i, d in enumerate(dirs)]
         return out
-    trained = ctx.results.get("pretrain", {})
-    return {m: [(f"seed {r['seed']}", ctx.run_dir / r["model_dir"]) for r in trained[m]["runs"]]
+    pretrained = ctx.optional(PretrainOutput)
+    trained = pretrained.methods if pretrained else {}
+    return {m: [(f"seed {r.seed}", ctx.run_dir / r.model_dir) for r in trained[m].runs]
             for m in ordered_methods(ctx.cfg, trained)}
 
 
@@ -157,6 +164,7 @@ class EvaluateStage(Stage):
     """OLMES's 10 tasks (lm-eval over the shipped files) + 13-gram decontamination per method."""
 
     name = "evaluate"
+    output_type = EvaluateOutput
     needs = ("corpus", "select", "pretrain")
 
     def check(self, cfg):
@@ -175,19 +183,16 @@ class EvaluateStage(Stage):
         from spokes_lightning.evaluation.run import evaluate_with_items
 
         e = ctx.cfg.evaluate
-        out = {"scores": {}, "contamination": {}, "items": {}, "num_fewshot": e.get("num_fewshot")}
-        methods = ctx.output("select")["methods"]
-        selections = {m: read_selection(ctx.run_dir / methods[m]["selection"]).ids
+        scores_by_method, items_by_method = {}, {}
+        methods = ctx.output(SelectOutput).methods
+        selections = {m: read_selection(ctx.run_dir / methods[m].selection).ids
                       for m in ordered_methods(ctx.cfg, methods)}
         selected = sorted({i for ids in selections.values() for i in ids})
         contamination = contamination_by_selection(selections, [(d.id, d.text) for d in documents_by_ids(ctx, selected)],
                                                    n=int(e.decontamination_ngram))
-        for m, c in contamination.items():
-            out["contamination"][m] = {"n_contaminated": c["n_contaminated"], "n_documents": c["n_documents"],
-                                       "ids": c["contaminated_ids"][:50]}
-        if not e.tasks:
-            return out
-        for method, models in models_to_evaluate(ctx).items():
+        contaminated = {m: Contamination(n_contaminated=c["n_contaminated"], n_documents=c["n_documents"],
+                                         ids=c["contaminated_ids"][:50]) for m, c in contamination.items()}
+        for method, models in (models_to_evaluate(ctx) if e.tasks else {}).items():
             per_model, items = [], []
             for label, model_dir in models:
                 scores, correct = evaluate_with_items(
@@ -198,9 +203,10 @@ class EvaluateStage(Stage):
                 log(f"evaluate: {method} ({label}): average accuracy {scores['avg']:.2f}")
             path = ctx.run_dir / "evaluate" / f"{method}_items.npz"
             save_item_scores(path, {t: np.stack([c[t] for c in items]) for t in e.tasks})
-            out["items"][method] = ctx.rel(path)
-            out["scores"][method] = mean_scores(per_model)
-        return out
+            items_by_method[method] = ctx.rel(path)
+            scores_by_method[method] = mean_scores(per_model)
+        return EvaluateOutput(scores=scores_by_method, contamination=contaminated, items=items_by_method,
+                              num_fewshot=e.get("num_fewshot"))
 
 
 def mean_scores(per_model: list[dict]) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from spokes_lightning.pipeline.outputs import PretrainOutput
 from spokes_lightning.pipeline.stage import RunContext, log
 
 
@@ -24,9 +25,10 @@ def log_comparison(ctx: RunContext, summary: dict) -> None:
     for method, s in summary["methods"].items():
         run = wandb.init(project=cfg.project, group=str(cfg.group), name=method, mode=mode, dir=str(wdir),
                          config={"method": method, "recipe": summary["recipe"]}, reinit="finish_previous")
-        pre = ctx.results.get("pretrain", {}).get(method)
+        pretrained = ctx.optional(PretrainOutput)
+        pre = pretrained.methods.get(method) if pretrained else None
         if pre:
-            for row in read_curve(ctx.run_dir / pre["metrics"]):
+            for row in read_curve(ctx.run_dir / pre.metrics):
                 run.log({"train/loss": row["loss"], "train/tokens": row["tokens_seen"]}, step=row["step"])
         flat = {f"selection/{k}": v for k, v in s.items() if isinstance(v, (int, float)) and v is not None}
         if s["eval"]:

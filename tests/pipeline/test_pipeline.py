@@ -7,6 +7,8 @@ import time
 import pytest
 
 from spokes_lightning.data.selection_artifact import read_selection
+from spokes_lightning.pipeline.outputs import PretrainOutput
+from spokes_lightning.pipeline.stage import read_stage_output
 from tiny_run import METHODS, launch
 
 
@@ -197,10 +199,10 @@ def test_several_pretraining_seeds_give_intervals(demo_run):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert all(v["n_seeds"] == 2 for v in s["table2"]["methods"].values())
-    pre = json.loads((run_dir / "stages" / "pretrain.json").read_text())["outputs"]
-    losses = [run["val_loss"] for run in pre["spokes"]["runs"]]
-    assert [run["seed"] for run in pre["spokes"]["runs"]] == [0, 1] and losses[0] != losses[1]
-    assert pre["spokes"]["epochs"] > 0 and pre["spokes"]["tokens_seen"] == 8192
+    pre = read_stage_output(run_dir, PretrainOutput).methods["spokes"]
+    losses = [run.val_loss for run in pre.runs]
+    assert [run.seed for run in pre.runs] == [0, 1] and losses[0] != losses[1]
+    assert pre.epochs > 0 and pre.tokens_seen == 8192
     report = (run_dir / "report.md").read_text()
     assert "val loss [95% CI]" in report and "2 pretraining seeds per method" in report
     assert "<u>" not in report  # no best / second ranks

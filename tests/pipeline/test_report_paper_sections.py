@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from tiny_proxy import build_tiny_proxy, tiny_documents  # noqa: E402
 
+from spokes_lightning.pipeline.outputs import FeaturesOutput, ProxyOutput  # noqa: E402
+from spokes_lightning.pipeline.stage import RunContext  # noqa: E402
 from spokes_lightning.pipeline import data_stages, plots  # noqa: E402
 from spokes_lightning.pipeline.figure_data import calibration_draw, calibration_studies, paper_figures  # noqa: E402
 from spokes_lightning.pipeline.report_stage import (alpha_overlap_markdown, fig5_markdown,  # noqa: E402
@@ -54,11 +56,10 @@ def run(proxy_dir, tmp_path, monkeypatch):
     pool = SimpleNamespace(n=len(docs), ids=[d.id for d in docs], inputs=SimpleNamespace(features=features))
 
     def make_ctx(cfg, imported=False):
-        outputs = {"features": {"gradients": "features/gradients"},
-                   "proxy": {"model": str(proxy_dir), "trained": False}}
-        if imported:
-            outputs["features"]["gradients_imported_from"] = "/elsewhere/gradients"
-        return SimpleNamespace(cfg=cfg, run_dir=tmp_path, output=lambda stage: outputs[stage])
+        features = FeaturesOutput(gradients="features/gradients",
+                                  gradients_imported_from="/elsewhere/gradients" if imported else None)
+        return RunContext(cfg=cfg, run_dir=tmp_path,
+                          results={"features": features, "proxy": ProxyOutput(model=str(proxy_dir), trained=False)})
 
     return make_ctx, pool
 

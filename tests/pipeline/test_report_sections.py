@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from word_docs import make_docs, make_tokenizer  # noqa: E402
 
+from spokes_lightning.pipeline.outputs import EvaluateOutput, FeaturesOutput, OnlineOutput, SelectedMethod, SelectOutput  # noqa: E402
 from spokes_lightning.pipeline.stage import RunContext  # noqa: E402
 
 TASKS = ["arc_easy", "mmlu", "winogrande"]
@@ -27,7 +28,7 @@ def evaluated(tmp_path, n_items: int) -> RunContext:
         path = tmp_path / "evaluate" / f"{m}_items.npz"
         save_item_scores(path, {t: (rng.random((1, n_items)) < 0.4).astype(np.uint8) for t in TASKS})
         items[m] = f"evaluate/{m}_items.npz"
-    return RunContext(cfg=OmegaConf.create({"seed": 0}), run_dir=tmp_path, results={"evaluate": {"items": items}})
+    return RunContext(cfg=OmegaConf.create({"seed": 0}), run_dir=tmp_path, results={"evaluate": EvaluateOutput(items=items)})
 
 
 def test_departures_state_the_items_this_run_evaluated(tmp_path):
@@ -88,7 +89,10 @@ def online_run(tmp_path_factory):
                      "heads": 2, "lr": 1e-3},
         "evaluate": {"tasks": ["arc_easy"], "split": "test", "limit": 4, "batch_size": 4}})
     ctx = RunContext(cfg=cfg, run_dir=run_dir, results={
-        "select": {"methods": {"spokes": {"selection": "selections/spokes"}}}, "features": {}})
+        "select": SelectOutput(n_pool=len(docs), n_unselectable=0, alpha=None, methods={
+            "spokes": SelectedMethod(selection="selections/spokes", n_selected=len(static_ids), n_copies=len(static_ids),
+                                     n_tokens=0)}),
+        "features": FeaturesOutput()})
     patch = pytest.MonkeyPatch()
     tok = make_tokenizer()
     patch.setattr(online_stage, "export_tokenizer", lambda ctx: tok)
@@ -97,7 +101,8 @@ def online_run(tmp_path_factory):
     patch.setattr(artifact, "read_selection", lambda path: SimpleNamespace(ids=static_ids))
     patch.setattr(evaluation, "evaluate_model", lambda model_dir, **kw: {"avg": olmes[Path(model_dir).parent.name]})
     try:
-        outputs = json.loads(json.dumps(online_stage.OnlineStage().run(ctx)))  # as the runner stores them
+        # as the runner stores and reads them back
+        outputs = OnlineOutput.from_json(json.loads(json.dumps(online_stage.OnlineStage().run(ctx).to_json())))
     finally:
         patch.undo()
     return run_dir, cfg, outputs
@@ -107,7 +112,7 @@ def test_online_section_from_the_online_stage_outputs(online_run):
     from spokes_lightning.pipeline.report_online import online_markdown
 
     run_dir, cfg, outputs = online_run
-    arms = json.loads((run_dir / outputs["comparison"]).read_text())
+    arms = json.loads((run_dir / outputs.comparison).read_text())
     assert sorted(arms) == ["online", "random", "static"]
     text = online_markdown(outputs, run_dir, cfg.online)
     assert text.startswith("\n## Online reselection (stage `online`)\n")
@@ -123,7 +128,7 @@ def test_online_section_from_the_online_stage_outputs(online_run):
     assert f"online SPOKES {arms['online']['gvendi_random_final_model']:.1f}" in text
 
 
-@pytest.mark.parametrize("outputs", [None, {}])
+@pytest.mark.parametrize("outputs", [None, OnlineOutput()])
 def test_no_online_section_without_the_stage(tmp_path, outputs):
     from spokes_lightning.pipeline.report_online import online_markdown
 

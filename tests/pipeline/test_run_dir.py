@@ -19,6 +19,8 @@ import torch
 
 from spokes_lightning.data.corpus import Document, interleave_by_field, read_documents
 from spokes_lightning.utils.errors import UserError
+from spokes_lightning.pipeline.outputs import ExportOutput, SelectOutput
+from spokes_lightning.pipeline.stage import read_stage_output
 from tiny_run import TINY
 
 def merged(base, extra):
@@ -360,11 +362,11 @@ def test_plugin_selector_runs_through_the_pipeline(finished, corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "features: cached" in r.stderr
     sel = read_selection(run_dir / "selections" / "domain_quota")
-    marker = json.loads((run_dir / "stages" / "select.json").read_text())["outputs"]["methods"]["domain_quota"]
+    marker = read_stage_output(run_dir, SelectOutput).methods["domain_quota"]
     assert sel.copies().tolist().count(2) == 3 and sel.manifest["n_copies"] == len(sel.ids) + 3
-    assert marker["n_copies"] == len(sel.ids) + 3 and sel.manifest["stats"]["n_domains"] == 3
-    export = json.loads((run_dir / "stages" / "export.json").read_text())["outputs"]["domain_quota"]
-    data = IndexedDataset(str(run_dir / export["megatron_prefix"]))
+    assert marker.n_copies == len(sel.ids) + 3 and sel.manifest["stats"]["n_domains"] == 3
+    export = read_stage_output(run_dir, ExportOutput).methods["domain_quota"]
+    data = IndexedDataset(str(run_dir / export.megatron_prefix))
     assert len(data) == len(sel.ids) + 3  # each domain's best document twice in the Megatron data
     assert (data[0] == data[1]).all() and not (data[1].shape == data[2].shape and (data[1] == data[2]).all())
     bad = launch(copy_of(finished, tmp_path, "bad"), corpus, "selection.methods=[domain_quota]",

@@ -19,6 +19,7 @@ from tiny_proxy import build_tiny_proxy, tiny_documents  # noqa: E402
 
 from spokes_lightning.utils.errors import UserError  # noqa: E402
 from spokes_lightning.features import kfac  # noqa: E402
+from spokes_lightning.pipeline.outputs import FeaturesOutput, ProxyOutput  # noqa: E402
 from spokes_lightning.selectors import SelectionInputs, get_selector  # noqa: E402
 from spokes_lightning.selectors.quad import cluster_scores  # noqa: E402
 
@@ -263,11 +264,11 @@ def test_feature_family_hands_on_the_direction_and_stays_out_of_other_runs(proxy
                                                                       "max_length": 24, "dtype": "float32"}}})
     settings = fam.settings(cfg)["quad_reference"]
     assert set(settings) == {"quad_reference", "plain"} and settings["plain"]["hessian"] == "none"
-    ctx = RunContext(cfg=cfg, run_dir=tmp_path / "run", results={"proxy": {"model": str(proxy_dir), "trained": False}},
+    ctx = RunContext(cfg=cfg, run_dir=tmp_path / "run", results={"proxy": ProxyOutput(model=str(proxy_dir), trained=False)},
                      documents={"pool": [Document(f"d{i}", t, "s") for i, t in enumerate(texts)]})
     out = fam.run(ctx)
     assert out["extras.quad_reference"] == {"array": "features/quad_reference.npy"}
-    assert sorted(fam.handed_on(out)) == ["features/plain.npy", "features/quad_reference.npy"]
+    assert sorted(fam.handed_on(FeaturesOutput.from_json(out))) == ["features/plain.npy", "features/quad_reference.npy"]
     vec = np.load(ctx.run_dir / "features" / "quad_reference.npy")
     assert vec.shape == (64,) and np.isfinite(vec).all()
     m = module_for(proxy_dir, "kronecker", k=64)

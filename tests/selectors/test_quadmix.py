@@ -16,6 +16,7 @@ from spokes_lightning.utils.errors import UserError
 from spokes_lightning.data.selection_artifact import read_selection
 from spokes_lightning.selection.driver import select_methods
 from spokes_lightning.selection.pool import SelectionPool
+from spokes_lightning.pipeline.outputs import FeaturesOutput
 from spokes_lightning.selectors import get_selector
 from spokes_lightning.selectors.quadmix.parameters import (QuaDMixParams, load_params, parameter_vectors,
                                                          sample_parameters)
@@ -395,7 +396,7 @@ def test_heuristic_family_runs_only_with_quadmix():
     with_qm = compose(["recipe=demo", "+selection.specs.qm={selector: quadmix, params: auto}",
                        "selection.methods=[random,qm]"])
     assert family.enabled(with_qm) and "quality_heuristics" in family.settings(with_qm)
-    assert family.handed_on({}) == []
+    assert family.handed_on(FeaturesOutput()) == []
 
 
 def test_heuristic_family_writes_named_scores_the_select_stage_reads(tmp_path):
@@ -413,4 +414,5 @@ def test_heuristic_family_writes_named_scores_the_select_stage_reads(tmp_path):
         value = out[f"quality_scores.{name}"]
         assert np.load(tmp_path / value["ids"]).tolist() == [b"d0", b"d1", b"d2"]
         np.testing.assert_allclose(np.load(tmp_path / value["scores"]), [heuristic_scores(d.text)[name] for d in docs])
-    assert all((tmp_path / f).is_file() for f in family.handed_on(out)) and len(family.handed_on(out)) == 5
+    handed_on = family.handed_on(FeaturesOutput.from_json(out))
+    assert all((tmp_path / f).is_file() for f in handed_on) and len(handed_on) == 5

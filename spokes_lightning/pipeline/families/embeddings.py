@@ -63,8 +63,8 @@ class Embeddings(FeatureFamily):
         log(f"features: embeddings {emb.matrix.shape}")
         return {"embeddings": "features/embeddings"}
 
-    def handed_on(self, outputs: dict) -> list[str]:
-        if not outputs.get("embeddings"):
+    def handed_on(self, outputs) -> list[str]:
+        if not outputs.embeddings:
             return []
-        files = sorted({*STORE_FILES, *LEGACY_STORE_FILES}) if outputs.get("embeddings_imported_from") else STORE_FILES
-        return [f"{outputs['embeddings']}/{f}" for f in files]
+        files = sorted({*STORE_FILES, *LEGACY_STORE_FILES}) if outputs.embeddings_imported_from else STORE_FILES
+        return [f"{outputs.embeddings}/{f}" for f in files]

@@ -56,8 +56,10 @@ class Gradients(FeatureFamily):
         from spokes_lightning.features.gradients import ProxyGradientModule
 
         seeds = list(seeds or self.seeds(ctx.cfg))
-        proxy = ctx.output("proxy")
-        model = ctx.run_dir / proxy["model"] if proxy["trained"] else proxy["model"]
+        from spokes_lightning.pipeline.outputs import ProxyOutput
+
+        proxy = ctx.output(ProxyOutput)
+        model = ctx.run_dir / proxy.model if proxy.trained else proxy.model
         g = ctx.cfg.features.gradients
         return ProxyGradientModule(str(model), load_tokenizer(model, setting="proxy.model"), n_layers=int(g.n_layers),
                                    include_head=bool(g.include_head), projection=str(g.projection), k=int(g.k),
@@ -110,7 +112,7 @@ class Gradients(FeatureFamily):
             f"{sorted(set(grads.skipped.values()))})")
         return out
 
-    def handed_on(self, outputs: dict) -> list[str]:
-        stores = [outputs[k] for k in ("gradients", "gradients_independent") if outputs.get(k)]
-        files = sorted({*STORE_FILES, *LEGACY_STORE_FILES}) if outputs.get("gradients_imported_from") else STORE_FILES
+    def handed_on(self, outputs) -> list[str]:
+        stores = [s for s in (outputs.gradients, outputs.gradients_independent) if s]
+        files = sorted({*STORE_FILES, *LEGACY_STORE_FILES}) if outputs.gradients_imported_from else STORE_FILES
         return [f"{store}/{f}" for store in stores for f in files]

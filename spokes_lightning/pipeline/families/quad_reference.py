@@ -163,6 +163,6 @@ class QuadReference(FeatureFamily):
         out[INFO_KEY] = info
         return out
 
-    def handed_on(self, outputs: dict) -> list[str]:
-        return [outputs[f"extras.{extra}"]["array"] for extra in outputs.get(INFO_KEY) or {}
-                if isinstance(outputs.get(f"extras.{extra}"), dict)]
+    def handed_on(self, outputs) -> list[str]:
+        return [outputs.extras[extra].array for extra in outputs.quad_reference_info or {}
+                if extra in outputs.extras]

@@ -91,10 +91,10 @@ class QualityHeuristics(FeatureFamily):
         log(f"features: quality heuristics ({', '.join(HEURISTICS)}) for {len(docs)} documents")
         return out
 
-    def handed_on(self, outputs: dict) -> list[str]:
+    def handed_on(self, outputs) -> list[str]:
         files = []
         for name in HEURISTICS:
-            value = outputs.get(f"quality_scores.{name}")
-            if isinstance(value, dict):
-                files += [value["scores"], value["ids"]]
+            value = outputs.quality_scores.get(name)
+            if value is not None:
+                files += [value.scores, value.ids]
         return sorted(set(files))
