@@ -204,12 +204,13 @@ def test_bad_settings_are_one_line(tmp_path):
 
 
 def test_report_counts_skipped_records(tmp_path):
+    from spokes_lightning.pipeline.outputs import CorpusOutput
     from spokes_lightning.pipeline.report_stage import corpus_line
 
     bad = tmp_path / "x.jsonl"
     bad.write_text("\n".join([json.dumps({"id": f"d{i}", "text": "w " * 30}) for i in range(9)] + ["{oops"]) + "\n")
     summary = ingest(IngestSettings(paths=(str(bad),), validation_documents=2, on_error="skip"), tmp_path / "o")
-    line = corpus_line(summary)
+    line = corpus_line(CorpusOutput(pool="o/pool", validation="o/validation", **summary))
     assert "9 documents read from 1 input(s), 2 held out" in line and "1 malformed record(s) skipped" in line
     assert "x.jsonl line 10: invalid JSON" in line
 
@@ -218,6 +219,7 @@ def test_report_counts_skipped_records(tmp_path):
 def test_empty_texts_never_enter_the_pool_and_are_counted(tmp_path, seed):
     """Every per-document file of a run is aligned to the pool: an empty text, which no feature,
     length or embedding can describe, is left out at ingest (and counted), not skipped later."""
+    from spokes_lightning.pipeline.outputs import CorpusOutput
     from spokes_lightning.pipeline.report_stage import corpus_line
 
     rng = random.Random(seed)
@@ -234,7 +236,7 @@ def test_empty_texts_never_enter_the_pool_and_are_counted(tmp_path, seed):
     assert all(d.text.strip() for d in pool)
     gone = {recs[j]["id"] for j in empty}
     assert not gone & {d.id for d in pool}
-    assert "17 empty text(s) left out" in corpus_line(summary)
+    assert "17 empty text(s) left out" in corpus_line(CorpusOutput(pool="o/pool", validation="o/validation", **summary))
 
 
 def test_training_sample_is_a_seeded_subset_in_pool_order(tmp_path):

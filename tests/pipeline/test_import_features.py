@@ -236,12 +236,13 @@ def launch(run_dir, corpus, *extra):
 def corpus_run(tmp_path_factory, corpus):
     """A run_dir with only the corpus stage, and its pool ids (read as the later stages read them)."""
     from spokes_lightning.pipeline.data_stages import pool_documents
-    from spokes_lightning.pipeline.stage import RunContext
+    from spokes_lightning.pipeline.outputs import CorpusOutput
+    from spokes_lightning.pipeline.stage import RunContext, read_stage_output
 
     run_dir = tmp_path_factory.mktemp("run") / "run"
     r = launch(run_dir, corpus, "stages=[corpus]")
     assert r.returncode == 0, r.stderr[-3000:]
-    outputs = json.loads((run_dir / "stages" / "corpus.json").read_text())["outputs"]
+    outputs = read_stage_output(run_dir, CorpusOutput)
     ids = [d.id for d in pool_documents(RunContext(cfg=None, run_dir=run_dir, results={"corpus": outputs}))]
     assert len(ids) == N_DOCS - 10
     return run_dir, outputs, ids
@@ -306,7 +307,7 @@ def test_pipeline_selects_from_imported_stores_without_a_proxy(corpus_run, corpu
     assert not (run_dir / "proxy").exists() and not (run_dir / "stages" / "proxy.json").exists()
     feats = json.loads((run_dir / "stages" / "features.json").read_text())["outputs"]
     assert feats["gradients"] == feats["gradients_imported_from"] == str(grads.resolve())
-    assert feats["embeddings"] == str(emb.resolve()) and "gradients_independent" not in feats
+    assert feats["embeddings"] == str(emb.resolve()) and feats["gradients_independent"] is None
     select = json.loads((run_dir / "stages" / "select.json").read_text())["outputs"]
     missing = missing_g | missing_e
     assert select["n_unselectable"] == len(missing) == 7

@@ -20,6 +20,7 @@ import pytest
 
 from spokes_lightning.utils.errors import UserError
 from spokes_lightning.cli.run import compose, compose_multirun
+from spokes_lightning.pipeline.outputs import SelectOutput
 from spokes_lightning.pipeline.stages import check_config
 from spokes_lightning.pipeline.select_stage import SelectStage, method_specs
 from spokes_lightning.pipeline.stage import RunContext
@@ -37,7 +38,7 @@ def synthetic_pool(seed: int = 3, n: int = 60, d: int = 16) -> SelectionPool:
                                "quality": (ids, rng.random(n) + 0.1), "lengths": (ids, rng.integers(5, 50, n))})
 
 
-def run_select(cfg, run_dir: Path, pool: SelectionPool) -> dict:
+def run_select(cfg, run_dir: Path, pool: SelectionPool) -> SelectOutput:
     """The select stage on ``pool`` (standing in for the corpus, tokenizer and features stages)."""
     ctx = RunContext(cfg=cfg, run_dir=run_dir)
     ctx.selection_pool = pool
@@ -61,16 +62,16 @@ def test_readme_multirun_picks_pass_preflight_and_select(tmp_path, capsys):
     notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
     assert len(notes) == 1, notes
     assert "selection.alpha=auto and selection.alpha_sweep unused" in notes[0] and "(random)" in notes[0]
-    assert out["alpha"] is None and out["alpha_sweep"] is None
+    assert out.alpha is None and out.alpha_sweep is None
     assert not (Path(random_cfg.run_dir) / "select" / "alpha_sweep.json").exists()
-    assert out["methods"]["random"]["n_selected"] == 30  # budget 0.5 of 60
-    assert len(read_selection(Path(random_cfg.run_dir) / out["methods"]["random"]["selection"]).ids) == 30
+    assert out.methods["random"].n_selected == 30  # budget 0.5 of 60
+    assert len(read_selection(Path(random_cfg.run_dir) / out.methods["random"].selection).ids) == 30
 
     # with a SPOKES method, alpha=auto is the sweep's choice, as before (and no note)
     out = run_select(spokes_cfg, Path(spokes_cfg.run_dir), pool)
     assert "note:" not in capsys.readouterr().err
-    assert out["alpha_sweep"] == "select/alpha_sweep.json"
-    assert out["alpha"] in [float(a) for a in spokes_cfg.selection.alpha_grid]
+    assert out.alpha_sweep == "select/alpha_sweep.json"
+    assert out.alpha in [float(a) for a in spokes_cfg.selection.alpha_grid]
     assert (Path(spokes_cfg.run_dir) / "select" / "alpha_sweep.json").is_file()
 
 
@@ -80,7 +81,7 @@ def test_numeric_alpha_without_spokes_is_kept_and_no_sweep_note_when_off(tmp_pat
     check_config(cfg)
     capsys.readouterr()
     out = run_select(cfg, tmp_path / "run", synthetic_pool())
-    assert "note:" not in capsys.readouterr().err and out["alpha"] == 0.01 and out["alpha_sweep"] is None
+    assert "note:" not in capsys.readouterr().err and out.alpha == 0.01 and out.alpha_sweep is None
 
 
 # ----------------------------------------------------------------------------- (b) fail before any stage
@@ -148,7 +149,7 @@ def test_a_plugin_selector_is_a_method_by_its_name(tmp_path, plugin_file):
                                  "lowest_quality_issue21": {"selector": "lowest_quality_issue21"}}
     pool = synthetic_pool(seed=7)
     out = run_select(cfg, run_dir, pool)
-    sel = read_selection(run_dir / out["methods"]["lowest_quality_issue21"]["selection"])
+    sel = read_selection(run_dir / out.methods["lowest_quality_issue21"].selection)
     quality = np.asarray(pool.inputs.quality)
     expected = [pool.ids[i] for i in np.argsort(quality, kind="stable")[::2][:30]]  # the default stride 2
     assert list(sel.ids) == expected
