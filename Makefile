@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: one per core (each single-threaded: tests/conftest.py)
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install demo test test-fast bench clean-venv
 
@@ -22,11 +24,11 @@ demo: $(STAMP)
 	$(PY) launch/run.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # the unit tier: no pipeline runs, no model training, no multi-process tests (markers: tests/conftest.py)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not e2e and not slow and not distributed" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not e2e and not slow and not distributed" tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_vendi.py

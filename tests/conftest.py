@@ -11,6 +11,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per xdist worker (and per process it starts): `make test` runs one worker per core,
+    # and the test models are too small for threads to do more than wait on each other
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -24,20 +29,48 @@ def python_exe() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, worker_id):
     """Every pipeline stage at test size, once per session: ``(run_dir, result, wall_seconds)``.
 
     Tests may change ``run_dir`` (re-runs with other settings); an untouched copy stays at
-    ``run_dir.parent / "pristine"`` for readers that need the run as it was written."""
+    ``run_dir.parent / "pristine"`` for readers that need the run as it was written. Under
+    pytest-xdist the first worker to ask builds it (a file lock keeps the others waiting) and
+    every worker gets its own copy, so one worker's re-runs never reach another's."""
+    import json
+    import shutil
+    import subprocess
     import time
 
+    from filelock import FileLock
     from tiny_run import build_tiny_run
 
+    def build(base: Path):
+        t = time.perf_counter()
+        r = build_tiny_run(base / "run", base / "pristine")
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r, time.perf_counter() - t
+
+    if worker_id == "master":  # no xdist: build in place
+        base = tmp_path_factory.mktemp("tiny_run")
+        r, wall = build(base)
+        return base / "run", r, wall
+    shared = tmp_path_factory.getbasetemp().parent / "tiny_run_shared"  # the workers' common parent
+    with FileLock(str(shared) + ".lock"):
+        done = shared / "result.json"
+        if not done.exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            r, wall = build(shared)
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"args": r.args, "returncode": r.returncode, "stdout": r.stdout,
+                                       "stderr": r.stderr, "wall": wall}))
+            tmp.rename(done)
+        saved = json.loads(done.read_text())
+    assert saved["returncode"] == 0, saved["stderr"][-3000:]
     base = tmp_path_factory.mktemp("tiny_run")
-    t = time.perf_counter()
-    r = build_tiny_run(base / "run", base / "pristine")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return base / "run", r, time.perf_counter() - t
+    shutil.copytree(shared / "pristine", base / "pristine", symlinks=True)
+    shutil.copytree(shared / "pristine", base / "run", symlinks=True)
+    r = subprocess.CompletedProcess(saved["args"], saved["returncode"], saved["stdout"], saved["stderr"])
+    return base / "run", r, saved["wall"]
 
 
 # ----------------------------------------------------------------------------- tiers
