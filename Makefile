@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# pytest-xdist workers: one per core (each single-threaded: tests/conftest.py)
+# pytest-xdist workers: one per core (each single-threaded: tests/conftest.py), handed 2 tests at a
+# time, longest modules first (tests/durations.json), so neither ends alone on a long module
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install demo test test-fast bench clean-venv
@@ -24,11 +25,11 @@ demo: $(STAMP)
 	$(PY) launch/run.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 2 tests
 
 # the unit tier: no pipeline runs, no model training, no multi-process tests (markers: tests/conftest.py)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not e2e and not slow and not distributed" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 2 -m "not e2e and not slow and not distributed" tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_vendi.py

@@ -18,6 +18,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ[_var] = "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_machine_cache(tmp_path_factory, worker_id):
+    """One machine cache (spokes_lightning/utils/machine_cache.py) per test session, shared by the
+    xdist workers and every run they start, and never the user's ~/.cache."""
+    base = tmp_path_factory.getbasetemp()
+    os.environ["SPOKES_CACHE_DIR"] = str((base if worker_id == "master" else base.parent) / "spokes_cache")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _own_rendezvous_port(monkeypatch):
+    """Under pytest-xdist, each test gets MASTER_PORT from its worker's own port block
+    (tests/helpers/ports.py), so DDP runs started side by side never meet at one store."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        from ports import free_port
+
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
@@ -28,21 +47,54 @@ def python_exe() -> str:
     return sys.executable
 
 
+TINY_RUN_SHARED = "tiny_run_shared"
+#: seconds of other tests (both workers together) to run first while the tiny run is built
+TINY_RUN_HEAD_START = 240.0
+#: modules whose tests use ``tiny_run``
+TINY_RUN_MODULES = ("test_pipeline.py", "test_run_dir.py", "test_import_features.py", "test_docs_examples.py")
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """Controller side: as soon as a worker has collected tests that use ``tiny_run``, build it in a
+    background process, so it is ready (or nearly) when a worker first asks, and no worker waits."""
+    import subprocess
+
+    config = node.config
+    if getattr(config, "_tiny_run_build", None) is not None:
+        return
+    if not any(i.split("::")[0].endswith(TINY_RUN_MODULES) for i in ids):
+        return
+    base = config._tmp_path_factory.getbasetemp()
+    env = dict(os.environ, SPOKES_CACHE_DIR=str(base / "spokes_cache"), OMP_NUM_THREADS="1")
+    log = open(base / "tiny_run_build.log", "w")
+    config._tiny_run_build = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "helpers" / "tiny_run.py"), str(base / TINY_RUN_SHARED)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def pytest_sessionfinish(session):
+    build = getattr(session.config, "_tiny_run_build", None)
+    if build is not None and build.poll() is None:  # nothing asked for it (e.g. -x stopped early)
+        import signal
+
+        os.killpg(build.pid, signal.SIGKILL)  # the builder and the pipeline run it started
+        build.wait()
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, worker_id):
     """Every pipeline stage at test size, once per session: ``(run_dir, result, wall_seconds)``.
 
     Tests may change ``run_dir`` (re-runs with other settings); an untouched copy stays at
     ``run_dir.parent / "pristine"`` for readers that need the run as it was written. Under
-    pytest-xdist the first worker to ask builds it (a file lock keeps the others waiting) and
-    every worker gets its own copy, so one worker's re-runs never reach another's."""
+    pytest-xdist it is built once (in the background from the start: ``pytest_xdist_node_collection_finished``)
+    and every worker gets its own copy, so one worker's re-runs never reach another's."""
     import json
     import shutil
     import subprocess
     import time
 
-    from filelock import FileLock
-    from tiny_run import build_tiny_run
+    from tiny_run import build_shared, build_tiny_run
 
     def build(base: Path):
         t = time.perf_counter()
@@ -54,17 +106,8 @@ def tiny_run(tmp_path_factory, worker_id):
         base = tmp_path_factory.mktemp("tiny_run")
         r, wall = build(base)
         return base / "run", r, wall
-    shared = tmp_path_factory.getbasetemp().parent / "tiny_run_shared"  # the workers' common parent
-    with FileLock(str(shared) + ".lock"):
-        done = shared / "result.json"
-        if not done.exists():
-            shutil.rmtree(shared, ignore_errors=True)
-            r, wall = build(shared)
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"args": r.args, "returncode": r.returncode, "stdout": r.stdout,
-                                       "stderr": r.stderr, "wall": wall}))
-            tmp.rename(done)
-        saved = json.loads(done.read_text())
+    shared = tmp_path_factory.getbasetemp().parent / TINY_RUN_SHARED  # the workers' common parent
+    saved = build_shared(shared)  # built by the controller in the background (below), or here
     assert saved["returncode"] == 0, saved["stderr"][-3000:]
     base = tmp_path_factory.mktemp("tiny_run")
     shutil.copytree(shared / "pristine", base / "pristine", symlinks=True)
@@ -99,3 +142,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if any(word in item.name.lower() for word in DISTRIBUTED_WORDS):
             item.add_marker(pytest.mark.distributed)
+    # longest modules first (tests/durations.json), each module's tests in their own order, so
+    # module-scoped fixtures are built once per worker and neither xdist worker ends alone on a long module
+    from durations import load
+
+    seconds = load()
+    module = {item: Path(str(item.path)).relative_to(ROOT).as_posix() for item in items}
+    items.sort(key=lambda item: -seconds.get(module[item], 0.0))
+    # ... except the tiny-run modules wait behind TINY_RUN_HEAD_START seconds of other modules: the
+    # controller builds the run in the background meanwhile, instead of both workers waiting for it
+    done, order = 0.0, {}
+    for m in dict.fromkeys(module[i] for i in items):
+        if not m.endswith(TINY_RUN_MODULES):
+            order[m] = len(order)
+            done += seconds.get(m, 0.0)
+            if done >= TINY_RUN_HEAD_START:
+                break
+    items.sort(key=lambda item: order.get(module[item], len(order)))

@@ -186,7 +186,7 @@ def _fit_and_evaluate(embeddings: np.ndarray, labels: np.ndarray, seed: int, tes
 def train_quality_classifier(
     labeled_docs: Sequence, embeddings: np.ndarray | Callable[[list[str]], np.ndarray],
     out_dir: str | os.PathLike, seed: int = 0, *, embedding_model: str = "all-MiniLM-L6-v2",
-    test_size: float = 0.2, folds: int = 5,
+    test_size: float = 0.2, folds: int = 5, shared_cache: str | os.PathLike | None = None,
 ) -> tuple[QualityClassifier, dict[str, Any]]:
     """Train the offline quality classifier on human labels (1 = high quality).
 
@@ -195,7 +195,9 @@ def train_quality_classifier(
     CV accuracy on a fixed stratified train split (``seed``); the winner's accuracy on the
     held-out ``test_size`` split is reported next to the majority-class baseline, then it is
     refit on all labels and saved to ``out_dir`` (joblib + ``metrics.json``). A directory
-    trained on the same labels/settings is reused.
+    trained on the same labels/settings is reused; with ``shared_cache`` (a directory many runs
+    share), a classifier trained there by another run on the same labels/settings is copied in
+    instead of embedding the labels again, and a newly trained one is left there for the next run.
     """
     import joblib
     from sklearn.base import clone
@@ -211,6 +213,11 @@ def train_quality_classifier(
     cached = load_quality_classifier(out_dir, expect=identity, missing_ok=True)
     if cached is not None:
         return cached
+    entry = Path(shared_cache) / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] \
+        if shared_cache is not None else None
+    if entry is not None and load_quality_classifier(entry, expect=identity, missing_ok=True) is not None:
+        _copy_classifier(entry, out_dir)
+        return load_quality_classifier(out_dir, expect=identity)
 
     x = embeddings([d.text for d in labeled_docs]) if callable(embeddings) else embeddings
     x = np.asarray(x, dtype=np.float32)
@@ -227,7 +234,18 @@ def train_quality_classifier(
     with atomic_path(out_dir / CLASSIFIER_FILE) as tmp:
         joblib.dump({"estimator": final, "name": best, "embedding_model": embedding_model}, tmp)
     write_json_atomic(out_dir / METRICS_FILE, metrics)
+    if entry is not None:
+        _copy_classifier(out_dir, entry)
     return QualityClassifier(final, best, embedding_model), metrics
+
+
+def _copy_classifier(src: Path, dst: Path) -> None:
+    """Copy a saved classifier: the model first, its metrics (what a reader checks) last, both atomic."""
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / METRICS_FILE).unlink(missing_ok=True)
+    for name in (CLASSIFIER_FILE, METRICS_FILE):
+        with atomic_path(dst / name) as tmp:
+            Path(tmp).write_bytes((src / name).read_bytes())
 
 
 def load_quality_classifier(out_dir: str | os.PathLike, expect: dict | None = None,

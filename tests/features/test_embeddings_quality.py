@@ -74,6 +74,24 @@ def test_quality_classifier_beats_majority_and_is_cached(classifier_dir, labels,
     assert time.perf_counter() - start < 3 and again == metrics
 
 
+def test_shared_cache_serves_a_new_run_the_same_classifier_without_embedding(labels, label_embeddings, tmp_path):
+    cache = tmp_path / "machine_cache"
+    first, metrics = train_quality_classifier(labels, label_embeddings, tmp_path / "run_a", seed=0, shared_cache=cache)
+    assert len(list(cache.iterdir())) == 1  # one entry, keyed by labels + settings
+
+    def no_embedding(texts):
+        raise AssertionError("the labels were embedded again")
+
+    second, again = train_quality_classifier(labels, no_embedding, tmp_path / "run_b", seed=0, shared_cache=cache)
+    assert again == metrics
+    for name in ("quality_classifier.joblib", "metrics.json"):
+        assert (tmp_path / "run_b" / name).read_bytes() == (tmp_path / "run_a" / name).read_bytes()
+    np.testing.assert_array_equal(second.score(label_embeddings[:50]), first.score(label_embeddings[:50]))
+    # another seed is another classifier: it is trained (and embeds), not taken from the cache
+    with pytest.raises(AssertionError, match="embedded again"):
+        train_quality_classifier(labels, no_embedding, tmp_path / "run_c", seed=1, shared_cache=cache)
+
+
 def test_quality_scores_in_range_and_deterministic(classifier_dir, label_embeddings):
     clf, _ = load_quality_classifier(classifier_dir)
     a, b = clf.score(label_embeddings), clf.score(label_embeddings.copy())

@@ -43,3 +43,35 @@ def build_tiny_run(run_dir: Path, pristine: Path | None = None) -> subprocess.Co
     if r.returncode == 0 and pristine is not None:
         shutil.copytree(run_dir, pristine, symlinks=True)
     return r
+
+
+def build_shared(shared: Path) -> dict:
+    """Build the run once into ``shared`` (``run`` and ``pristine``) for every process that asks.
+
+    A file lock makes later callers wait for the first; ``result.json`` (written last, atomically)
+    says how it went. Under pytest-xdist the controller starts this in the background as soon as
+    the workers have collected (tests/conftest.py), so no worker sits idle while it is built."""
+    import json
+
+    from filelock import FileLock
+
+    shared = Path(shared)
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(shared) + ".lock"):
+        done = shared / "result.json"
+        if not done.exists():
+            import time
+
+            shutil.rmtree(shared, ignore_errors=True)
+            t = time.perf_counter()
+            r = build_tiny_run(shared / "run", shared / "pristine")
+            wall = time.perf_counter() - t
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"args": r.args, "returncode": r.returncode, "stdout": r.stdout,
+                                       "stderr": r.stderr, "wall": wall}))
+            tmp.rename(done)
+        return json.loads(done.read_text())
+
+
+if __name__ == "__main__":  # python tests/helpers/tiny_run.py SHARED_DIR: build_shared in the background
+    build_shared(Path(sys.argv[1]))

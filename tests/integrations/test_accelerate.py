@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,13 +28,9 @@ torch.set_num_threads(1)
 N_DOCS, CHUNK, BATCH = 40, 8, 4
 N_CHUNKS = N_DOCS // CHUNK
 ROOT = Path(__file__).resolve().parents[2]
+from ports import free_port  # noqa: E402  (tests/helpers: a per-xdist-worker port block)
 TOL = 1e-3  # per-row relative L2 error; float16 rounding alone is ~3e-4, another row is ~1
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(proxy_dir, store, processes, *extra):

@@ -4,7 +4,6 @@ exactly the planned batches; padding-only batches are harmless; a resume replays
 batches; bad input exits 2 with one line."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+from ports import free_port  # noqa: E402  (tests/helpers: a per-xdist-worker port block)
 SCRIPT = ROOT / "tests" / "scripts" / "hf_trainer_run.py"
 sys.path.insert(0, str(ROOT / "tests" / "scripts"))
 from tiny_text import tiny_corpus, tiny_tokenizer  # noqa: E402
@@ -27,11 +27,6 @@ N_DOCS, SEQ, BS, EPOCHS, SAVE, RESUME_AT = 40, 32, 2, 2, 20, 20
 DOCS = tiny_corpus(N_DOCS)
 SELECTION = {d["id"]: (2 if i % 4 == 0 else 1) for i, d in enumerate(DOCS[:16])}  # 4 of 16 taken twice
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(spec: dict, path: Path, processes: int = 1) -> subprocess.Popen:

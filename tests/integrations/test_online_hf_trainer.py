@@ -4,24 +4,18 @@ and batches, and bad input (one line, exit 2)."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+from ports import free_port, run_with_timeout  # noqa: E402  (tests/helpers: a per-xdist-worker port block)
 from word_docs import script_env as env  # noqa: E402,F401
 
-import subprocess  # noqa: E402
 
 SCRIPT = ROOT / "tests" / "scripts" / "online_hf_run.py"
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(corpus, out, processes=1, resume=None, extra_env=None, settings=None):
@@ -31,8 +25,7 @@ def run(corpus, out, processes=1, resume=None, extra_env=None, settings=None):
     e = env(**(settings or {}))
     e.update(extra_env or {})
     args = [str(SCRIPT), str(corpus / "corpus.jsonl.gz"), str(corpus / "tok.json"), str(out)]
-    return subprocess.run([*launcher, *args, *([str(resume)] if resume else [])], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=400)
+    return run_with_timeout([*launcher, *args, *([str(resume)] if resume else [])], 400, cwd=ROOT, env=e)
 
 
 def test_trainer_one_and_two_processes_and_resume(corpus, tmp_path):

@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,13 +13,13 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+from ports import free_port, run_with_timeout  # noqa: E402  (tests/helpers: a per-xdist-worker port block)
 SCRIPT = ROOT / "tests" / "scripts" / "online_run.py"
 from word_docs import make_docs, make_tokenizer, script_env as env  # noqa: E402,F401
 
 
 def run(args, settings=None, launcher=()):
-    return subprocess.run([*launcher, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env(**(settings or {})),
-                          capture_output=True, text=True, timeout=400)
+    return run_with_timeout([*launcher, str(SCRIPT), *map(str, args)], 400, cwd=ROOT, env=env(**(settings or {})))
 
 
 def fit(corpus, out, devices, mode="online", settings=None, checkpoint=None):
@@ -30,7 +28,7 @@ def fit(corpus, out, devices, mode="online", settings=None, checkpoint=None):
     e = env(**(settings or {}))
     if checkpoint:
         e["ONLINE_CHECKPOINT"] = str(checkpoint)
-    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=400)
+    proc = run_with_timeout(cmd, 400, cwd=ROOT, env=e)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
 
@@ -68,11 +66,6 @@ def test_two_process_ddp_fit_holds_one_plan_on_both_ranks(corpus, tmp_path):
     assert ranks[0]["param_sum"] == ranks[1]["param_sum"]  # DDP kept the replicas equal
     assert ranks[0]["trained_on"] == ranks[1]["trained_on"]
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_one_reselection_is_the_same_on_one_and_two_processes(corpus, tmp_path):

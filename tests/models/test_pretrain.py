@@ -85,7 +85,9 @@ def test_pretrain_rejects_bad_settings(setup, tmp_path):
 
 def test_two_process_ddp_matches_single_device(setup, monkeypatch):
     """2 real processes (DDP over gloo): same global batches, so the same curve as 1 device."""
-    monkeypatch.delenv("MASTER_PORT", raising=False)  # let Lightning pick a free port
+    from ports import free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # a port of this xdist worker's own block
     run_dir, res, tokenizer, val = setup
     single = pretrain_on_megatron_data(res.data_prefix, tokenizer, run_dir / "a",
                                        token_budget=BUDGET, val_documents=val, **TINY)

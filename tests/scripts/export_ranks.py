@@ -5,7 +5,6 @@ usage: export_ranks.py TOKENIZER_DIR RUN_DIR OUT_DIR WORLD SHARD_DOCS [FAIL_RANK
 """
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -52,8 +51,9 @@ def worker(rank, world, port, args):
 if __name__ == "__main__":
     tok_dir, run_dir, out_dir, world, shard_docs = sys.argv[1:6]
     fail_rank = int(sys.argv[6]) if len(sys.argv) > 6 else -1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from ports import free_port  # a port block of this xdist worker's own
+
+    port = free_port()
     mp.spawn(worker, args=(int(world), port, (tok_dir, run_dir, out_dir, int(shard_docs), fail_rank)),
              nprocs=int(world), join=True)

@@ -4,8 +4,8 @@ usage: ingest_ranks.py SETTINGS.json OUT_DIR WORLD [WORKERS]
 """
 import json
 import os
-import socket
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,7 +29,8 @@ def worker(rank, world, port, settings_path, out, workers):
 if __name__ == "__main__":
     settings_path, out, world = sys.argv[1], sys.argv[2], int(sys.argv[3])
     workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from ports import free_port  # a port block of this xdist worker's own
+
+    port = free_port()
     mp.spawn(worker, args=(world, port, settings_path, out, workers), nprocs=world, join=True)

@@ -3,8 +3,8 @@
 usage: spokes_sharded.py FEATURES.npy QUALITY.npy|- K ALPHA WORLD OUT.npz CHUNK_ROWS [ROUNDING [SEED]]
 """
 import os
-import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
@@ -36,8 +36,9 @@ if __name__ == "__main__":
     f, q, k, alpha, world, out, chunk = sys.argv[1:8]
     rounding = sys.argv[8] if len(sys.argv) > 8 else "greedy"
     seed = int(sys.argv[9]) if len(sys.argv) > 9 else 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
+    from ports import free_port  # a port block of this xdist worker's own
+
+    port = free_port()
     mp.spawn(worker, args=(int(world), port, (f, q, int(k), float(alpha), out, int(chunk), rounding, seed)),
              nprocs=int(world), join=True)

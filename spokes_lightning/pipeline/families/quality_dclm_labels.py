@@ -3,7 +3,8 @@
 It scores the ``embeddings`` store (so it runs after that family; an imported one when
 ``embeddings.store`` is set, whose rows must then come from ``embeddings.model``: a width that
 differs from the classifier's is one line); the classifier and its cross-validation metrics are
-kept in ``<run_dir>/quality_model``.
+kept in ``<run_dir>/quality_model``, and in the machine cache (``cache_dir``), so the next run on
+the same labels copies it instead of embedding 499 labelled documents again.
 """
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ class DclmLabelQuality(QualitySource):
         from spokes_lightning.features.quality import train_quality_classifier
         from spokes_lightning.features.store import open_feature_store
         from spokes_lightning.pipeline.families.embeddings import embeddings_store_path
+        from spokes_lightning.utils.machine_cache import machine_cache
 
         embedder = EmbeddingModule(ctx.cfg.embeddings.model)
         classifier, metrics = train_quality_classifier(
             load_quality_labels(), lambda texts: embed_texts(texts, embedder), ctx.run_dir / "quality_model",
-            seed=int(ctx.cfg.seed))
+            seed=int(ctx.cfg.seed), shared_cache=machine_cache(ctx.cfg, "quality_classifier"))
         emb = open_feature_store(embeddings_store_path(ctx))
         width = getattr(classifier.estimator, "n_features_in_", None)
         if width is not None and width != emb.matrix.shape[1]:
