@@ -7,16 +7,16 @@ per-rank top-k candidates. With no process group every function is the identity.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
 
 def _dist():
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return None
-    return dist if dist.is_available() and dist.is_initialized() else None
+    # a process group needs torch imported first: when it is not, there is none, and a CLI
+    # command that needs no torch does not pay a second of importing it to find that out
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 def world() -> tuple[int, int]:

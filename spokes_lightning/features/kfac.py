@@ -66,16 +66,13 @@ from torch import nn
 from spokes_lightning.utils.errors import UserError
 from spokes_lightning.features.fused_head import IGNORE, next_token_targets
 from spokes_lightning.features.projection import DenseRademacherProjector
+from spokes_lightning.features.kfac_options import (  # noqa: F401  (re-exported: kfac.HESSIANS, ...)
+    DAMPING_SPLITS, DEFAULT_DAMPING, DEFAULT_MAX_FACTOR_DIM, HESSIANS, QKV_MODES)
 
 if TYPE_CHECKING:  # gradients.py imports lightning: kept out of the selector's import path
     from spokes_lightning.features.gradients import ProxyGradientModule
 
-HESSIANS = ("kfac", "none")
-DAMPING_SPLITS = ("pi", "sqrt", "eigen")
-QKV_MODES = ("joint", "separate")
 QKV_LEAVES = ("q_proj", "k_proj", "v_proj")
-DEFAULT_DAMPING = 0.1
-DEFAULT_MAX_FACTOR_DIM = 8192
 _FLOOR = 1e-30
 
 

@@ -41,7 +41,7 @@ import math
 import numpy as np
 
 from spokes_lightning.utils.errors import UserError
-from spokes_lightning.features.kfac import DAMPING_SPLITS, DEFAULT_DAMPING, DEFAULT_MAX_FACTOR_DIM, HESSIANS, QKV_MODES
+from spokes_lightning.features.kfac_options import DAMPING_SPLITS, DEFAULT_DAMPING, DEFAULT_MAX_FACTOR_DIM, HESSIANS, QKV_MODES
 from spokes_lightning.selectors.base import Param, SelectionInputs, SelectionResult, Selector, register
 from spokes_lightning.selectors.semdedup import default_n_clusters, normalize_embeddings, spherical_kmeans
 
