@@ -187,6 +187,7 @@ def train_quality_classifier(
     labeled_docs: Sequence, embeddings: np.ndarray | Callable[[list[str]], np.ndarray],
     out_dir: str | os.PathLike, seed: int = 0, *, embedding_model: str = "all-MiniLM-L6-v2",
     test_size: float = 0.2, folds: int = 5, shared_cache: str | os.PathLike | None = None,
+    embedding_max_length: int | None = None,
 ) -> tuple[QualityClassifier, dict[str, Any]]:
     """Train the offline quality classifier on human labels (1 = high quality).
 
@@ -198,6 +199,8 @@ def train_quality_classifier(
     trained on the same labels/settings is reused; with ``shared_cache`` (a directory many runs
     share), a classifier trained there by another run on the same labels/settings is copied in
     instead of embedding the labels again, and a newly trained one is left there for the next run.
+    ``embedding_max_length`` (the tokens of each text the embeddings read), when given, is part of
+    the classifier's identity, as ``embedding_model`` is.
     """
     import joblib
     from sklearn.base import clone
@@ -210,6 +213,8 @@ def train_quality_classifier(
     out_dir = Path(out_dir)
     identity = {"format": QUALITY_FORMAT, "labels_sha256": labels_hash(labeled_docs), "seed": int(seed),
                 "embedding_model": embedding_model, "test_size": test_size, "folds": folds}
+    if embedding_max_length is not None:  # how much of each label text the embeddings read
+        identity["embedding_max_length"] = int(embedding_max_length)
     cached = load_quality_classifier(out_dir, expect=identity, missing_ok=True)
     if cached is not None:
         return cached

@@ -17,7 +17,7 @@ TINY = [
     "data.limit=150", "data.validation_documents=20", "tokenizer.vocab_size=600",
     "proxy.train.n_layers=3", "proxy.train.hidden=32", "proxy.train.heads=2", "proxy.train.intermediate=64",
     "proxy.train.max_length=64", "proxy.train.batch_size=16",
-    "features.chunk_size=64", "features.batch_size=16", "features.gradients.k=64", "features.gradients.max_length=64",
+    "embeddings.max_length=64", "features.chunk_size=64", "features.batch_size=16", "features.gradients.k=64", "features.gradients.max_length=64",
     "selection.budget=0.5", "selection.alpha_grid=[0.01,0.1]", "+selection.specs.semdedup.n_clusters=4",
     "pretrain.token_budget=8192", "pretrain.seq_length=64", "pretrain.n_layers=2", "pretrain.hidden=32",
     "pretrain.heads=2", "pretrain.batch_size=8",

@@ -34,6 +34,11 @@ class Embeddings(FeatureFamily):
     def check(self, cfg) -> None:
         from spokes_lightning.pipeline.import_store import check_configured_store, configured_store
 
+        from spokes_lightning.utils.errors import UserError
+
+        length = cfg.embeddings.get("max_length", 256)
+        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+            raise UserError(f"embeddings.max_length must be a positive number of tokens, got {length!r}")
         path = configured_store(cfg.embeddings)
         if path is not None:
             check_configured_store(path, SETTING, "embeddings")
@@ -46,7 +51,7 @@ class Embeddings(FeatureFamily):
     def module(self, ctx):
         from spokes_lightning.features.embeddings import EmbeddingModule
 
-        return EmbeddingModule(ctx.cfg.embeddings.model)
+        return EmbeddingModule(ctx.cfg.embeddings.model, max_length=int(ctx.cfg.embeddings.get("max_length", 256)))
 
     def run(self, ctx) -> dict:
         from spokes_lightning.pipeline.data_stages import pool_documents

@@ -33,10 +33,12 @@ class DclmLabelQuality(QualitySource):
         from spokes_lightning.pipeline.families.embeddings import embeddings_store_path
         from spokes_lightning.utils.machine_cache import machine_cache
 
-        embedder = EmbeddingModule(ctx.cfg.embeddings.model)
+        embedder = EmbeddingModule(ctx.cfg.embeddings.model, max_length=int(ctx.cfg.embeddings.get("max_length", 256)))
         classifier, metrics = train_quality_classifier(
             load_quality_labels(), lambda texts: embed_texts(texts, embedder), ctx.run_dir / "quality_model",
-            seed=int(ctx.cfg.seed), shared_cache=machine_cache(ctx.cfg, "quality_classifier"))
+            seed=int(ctx.cfg.seed), embedding_model=embedder.model_name,  # both part of the classifier's identity
+            embedding_max_length=embedder.max_length,
+            shared_cache=machine_cache(ctx.cfg, "quality_classifier"))
         emb = open_feature_store(embeddings_store_path(ctx))
         width = getattr(classifier.estimator, "n_features_in_", None)
         if width is not None and width != emb.matrix.shape[1]:
