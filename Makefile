@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# pytest-xdist workers: one per core (each single-threaded: tests/conftest.py), handed 2 tests at a
-# time, longest modules first (tests/durations.json), so neither ends alone on a long module
+# pytest-xdist workers: one per core (each single-threaded: tests/conftest.py), longest modules first
+# (tests/durations.json), so neither ends alone on a long module
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+# a module whose tests share a module-scoped fixture runs on one worker (tests/conftest.py marks it),
+# the other tests one by one, in the order collected (longest modules first)
+XDIST := --dist loadgroup --no-loadscope-reorder
 
 .PHONY: install demo test test-fast bench clean-venv
 
@@ -25,11 +28,11 @@ demo: $(STAMP)
 	$(PY) launch/run.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 2 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(XDIST) tests
 
 # the unit tier: no pipeline runs, no model training, no multi-process tests (markers: tests/conftest.py)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 2 -m "not e2e and not slow and not distributed" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(XDIST) -m "not e2e and not slow and not distributed" tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_vendi.py

@@ -142,6 +142,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if any(word in item.name.lower() for word in DISTRIBUTED_WORDS):
             item.add_marker(pytest.mark.distributed)
+        if any(d.scope in ("module", "class", "package")
+               for defs in getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.values() or ()
+               for d in defs):
+            # a module-scoped fixture (a trained proxy, a finished run) is built once: all of the
+            # module's tests go to one xdist worker (--dist loadgroup); the other tests go anywhere
+            item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).relative_to(ROOT).as_posix()))
     # longest modules first (tests/durations.json), each module's tests in their own order, so
     # module-scoped fixtures are built once per worker and neither xdist worker ends alone on a long module
     from durations import load

@@ -4,7 +4,7 @@
 and the short ones fill in at the end; without it, one worker ends up alone on a long module.
 Refresh the figures after adding slow tests:
 
-    .venv/bin/python -m pytest -n 2 tests --junitxml=/tmp/junit.xml
+    .venv/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder tests --junitxml=/tmp/junit.xml
     .venv/bin/python tests/helpers/durations.py /tmp/junit.xml      # writes tests/durations.json
 """
 from __future__ import annotations
