@@ -89,7 +89,6 @@ def tiny_run(tmp_path_factory, worker_id):
     ``run_dir.parent / "pristine"`` for readers that need the run as it was written. Under
     pytest-xdist it is built once (in the background from the start: ``pytest_xdist_node_collection_finished``)
     and every worker gets its own copy, so one worker's re-runs never reach another's."""
-    import json
     import shutil
     import subprocess
     import time
@@ -132,6 +131,12 @@ DISTRIBUTED_WORDS = ("two_process", "two_gloo", "two_ranks", "two_torchrun", "on
                      "tp2", "torchrun", "failing_rank")
 
 
+def _shares_a_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    definitions = info.name2fixturedefs.values() if info is not None else ()
+    return any(d.scope in ("module", "class", "package") for defs in definitions for d in defs)
+
+
 def pytest_collection_modifyitems(config, items):
     """Markers by tier: ``e2e``, ``slow``, ``distributed`` (``make test-fast`` leaves all three out)."""
     for item in items:
@@ -142,9 +147,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if any(word in item.name.lower() for word in DISTRIBUTED_WORDS):
             item.add_marker(pytest.mark.distributed)
-        if any(d.scope in ("module", "class", "package")
-               for defs in getattr(item, "_fixtureinfo", None) and item._fixtureinfo.name2fixturedefs.values() or ()
-               for d in defs):
+        if _shares_a_module_fixture(item):
             # a module-scoped fixture (a trained proxy, a finished run) is built once: all of the
             # module's tests go to one xdist worker (--dist loadgroup); the other tests go anywhere
             item.add_marker(pytest.mark.xdist_group(Path(str(item.path)).relative_to(ROOT).as_posix()))
