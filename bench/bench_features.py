@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spokes_lightning.features.fused_head import IGNORE, next_token_targets  # noqa: E402
-from spokes_lightning.features.gradients import ProxyGradientModule  # noqa: E402
+from spokes_lightning.features.extract import ProxyGradientModule  # noqa: E402
 from spokes_lightning.features.projection import DenseRademacherProjector  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, MAX_LEN, K = 32000, 256, 4, 256, 1024

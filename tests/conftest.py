@@ -137,6 +137,7 @@ def _shares_a_module_fixture(item) -> bool:
     return any(d.scope in ("module", "class", "package") for defs in definitions for d in defs)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     """Markers by tier: ``e2e``, ``slow``, ``distributed`` (``make test-fast`` leaves all three out)."""
     for item in items:
@@ -168,3 +169,21 @@ def pytest_collection_modifyitems(config, items):
             if done >= TINY_RUN_HEAD_START:
                 break
     items.sort(key=lambda item: order.get(module[item], len(order)))
+
+
+def pytest_configure(config):
+    """``--dist loadgroup`` with pytest 9.2 and pytest-xdist <= 3.8: stop at once, in one line.
+
+    pytest-xdist passes a group to its scheduler as an ``@group`` suffix on the test id, which pytest
+    9.2 no longer lets it write (pytest-xdist issue 1386). The marks are then silently ignored and
+    every module-scoped fixture (a trained proxy, a two-process run) is built on both workers."""
+    if getattr(config.option, "dist", None) != "loadgroup":
+        return
+    import importlib.metadata as md
+
+    from packaging.version import Version
+
+    pytest_v, xdist_v = Version(md.version("pytest")), Version(md.version("pytest-xdist"))
+    if pytest_v >= Version("9.2") and xdist_v <= Version("3.8.0"):
+        raise pytest.UsageError(f"pytest {pytest_v} with pytest-xdist {xdist_v} ignores the xdist_group marks "
+                                f"(pytest-xdist issue 1386): pip install 'pytest<9.2'")

@@ -12,16 +12,18 @@ import sys
 import numpy as np
 
 
-def _dist():
-    # a process group needs torch imported first: when it is not, there is none, and a CLI
-    # command that needs no torch does not pay a second of importing it to find that out
+def process_group():
+    """``torch.distributed`` when a process group is up, else None.
+
+    A process group needs torch imported first: when it is not, there is none, and a command
+    that needs no torch does not pay a second of importing it to find that out."""
     dist = sys.modules.get("torch.distributed")
     return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 def world() -> tuple[int, int]:
     """(rank, world_size); (0, 1) without a process group."""
-    dist = _dist()
+    dist = process_group()
     return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
 
 
@@ -42,7 +44,7 @@ def _on_group_device(dist, t):
 
 def all_reduce_sum_(array: np.ndarray) -> np.ndarray:
     """In-place sum across ranks of a numpy array (int64 or float64)."""
-    dist = _dist()
+    dist = process_group()
     if dist is None:
         return array
     import torch
@@ -54,7 +56,7 @@ def all_reduce_sum_(array: np.ndarray) -> np.ndarray:
 
 
 def all_reduce_scalar(value: float, op: str = "sum") -> float:
-    dist = _dist()
+    dist = process_group()
     if dist is None:
         return float(value)
     import torch
@@ -65,7 +67,7 @@ def all_reduce_scalar(value: float, op: str = "sum") -> float:
 
 
 def all_gather_objects(obj) -> list:
-    dist = _dist()
+    dist = process_group()
     if dist is None:
         return [obj]
     out = [None] * dist.get_world_size()

@@ -15,14 +15,19 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Sequence
 
-from spokes_lightning.core.distributed import world
+from spokes_lightning.core.distributed import process_group, world
 
 
 def init_from_environment(backend: str = "gloo") -> tuple[int, int]:
-    """Join the process group ``torchrun`` describes (RANK / WORLD_SIZE / MASTER_ADDR); (0, 1) alone."""
+    """Join the process group ``torchrun`` describes (RANK / WORLD_SIZE / MASTER_ADDR); (0, 1) alone.
+
+    Alone (no WORLD_SIZE above 1), torch is not imported: a run that only checks its settings or
+    finds every stage done starts in a fraction of a second."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return world()
     import torch.distributed as dist
 
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if dist.is_available() and not dist.is_initialized():
         # rank 0 alone runs the tokenizer, proxy and report stages while the others wait here
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=48))
     return world()
@@ -30,9 +35,8 @@ def init_from_environment(backend: str = "gloo") -> tuple[int, int]:
 
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = process_group()
+    if dist is not None:
         dist.barrier()
 
 

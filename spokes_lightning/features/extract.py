@@ -20,8 +20,7 @@ into ``features.npy`` + ``ids.npy`` (idempotent). A killed run resumes without r
 finished chunks, at any world size; a store made with other settings (or another corpus) is
 refused with one :class:`UserError` line. Example::
 
-    from spokes_lightning.features.extract import extract_features
-    from spokes_lightning.features.gradients import ProxyGradientModule
+    from spokes_lightning.features.extract import ProxyGradientModule, extract_features
 
     module = ProxyGradientModule("runs/proxy", n_layers=2, k=1024)
     store = extract_features(module, documents, "runs/features/grad", chunk_size=1024,
@@ -30,186 +29,66 @@ refused with one :class:`UserError` line. Example::
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
 import lightning as L
-import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from spokes_lightning.data.document_store import DocumentStore
+from spokes_lightning.features.chunks import ChunkBatches, ChunkPlan, ChunkRows, as_source, store_manifest
+from spokes_lightning.features.gradients import ProxyGradients
+from spokes_lightning.features.store import FeatureStore, FeatureStoreWriter
 from spokes_lightning.utils.errors import UserError
 from spokes_lightning.utils.progress import progress
-from spokes_lightning.features.store import FINALIZE_KEYS, MANIFEST, FeatureStore, FeatureStoreWriter
 
 QUIET_WARNINGS = (".*infer the batch indices.*", ".*Total length of `DataLoader` across ranks is zero.*")
-
-
-def as_pairs(documents: Iterable[Any]) -> list[tuple[str, str]]:
-    """``(id, text)`` pairs from tuples or objects with ``.id`` / ``.text`` (``corpus.Document``)."""
-    pairs = []
-    for doc in documents:
-        if isinstance(doc, (tuple, list)):
-            doc_id, text = doc[0], doc[1]
-        else:
-            doc_id, text = doc.id, doc.text
-        pairs.append((str(doc_id), "" if text is None else str(text)))
-    ids = [i for i, _ in pairs]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"document ids must be unique; '{dup}' appears more than once")
-    return pairs
-
-
-def as_source(documents: Iterable[Any]):
-    """A document store as it is (read chunk by chunk later), anything else as ``(id, text)`` pairs."""
-    return documents if isinstance(documents, DocumentStore) else as_pairs(documents)
-
-
-def source_ids(source, block: int = 65536) -> Iterable[str]:
-    """Every document id of a store or a pair list, in corpus order (a store is read block by block)."""
-    if isinstance(source, DocumentStore):
-        for start in range(0, len(source), block):
-            yield from source.column_array("id", start, start + block)
-    else:
-        for doc_id, _ in source:
-            yield doc_id
-
-
-def source_pairs(source, start: int, stop: int) -> list[tuple[str, str]]:
-    """``(id, text)`` of rows ``[start, stop)``."""
-    if isinstance(source, DocumentStore):
-        cols = source.columns(start, stop, ("id", "text"))
-        return list(zip(cols["id"], cols["text"]))
-    return source[start:stop]
-
-
-def corpus_fingerprint(source) -> str:
-    h = hashlib.sha256()
-    for doc_id in source_ids(source):
-        h.update(doc_id.encode())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _as_is(batch):
     return batch
 
 
-class _ChunkBatches(Dataset):
-    """Batches cut inside chunks, read from the source when asked for (the DataLoader uses
-    ``batch_size=None``): a rank holds one batch of texts at a time, never its whole share."""
-
-    def __init__(self, source, spans: list[tuple[int, int, int, int]]):
-        self.source, self.spans = source, spans  # (chunk, chunk_len, start row, stop row)
-
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        c, chunk_len, start, stop = self.spans[i]
-        part = source_pairs(self.source, start, stop)
-        return {"chunk": c, "chunk_len": chunk_len, "ids": [d for d, _ in part], "texts": [t for _, t in part]}
+class ProxyGradientModule(ProxyGradients, L.LightningModule):
+    """:class:`~spokes_lightning.features.gradients.ProxyGradients` as a LightningModule: the same
+    arguments, rows and manifest, for :func:`extract_features` (``Trainer.predict``, one process or DDP)."""
 
 
-class ChunkedCorpusDataModule(L.LightningDataModule):
-    """Global chunks of ``chunk_size`` documents; chunk c -> rank ``c % world_size``; done chunks skipped."""
+class ChunkedCorpusDataModule(ChunkPlan, L.LightningDataModule):
+    """:class:`ChunkPlan` as a LightningDataModule: each rank's batches from the trainer's rank."""
 
     def __init__(self, documents: Iterable[Any], chunk_size: int = 1024, batch_size: int = 8,
                  done_chunks: Iterable[int] = ()):
-        super().__init__()
-        if chunk_size <= 0 or batch_size <= 0:
-            raise UserError(f"chunk_size and batch_size must be positive (got {chunk_size}, {batch_size})")
-        self.source = as_source(documents)
-        self.chunk_size, self.batch_size = int(chunk_size), int(batch_size)
-        self.done_chunks = set(done_chunks)
-
-    @property
-    def n_chunks(self) -> int:
-        return (len(self.source) + self.chunk_size - 1) // self.chunk_size
-
-    def chunk_span(self, c: int) -> tuple[int, int]:
-        return c * self.chunk_size, min((c + 1) * self.chunk_size, len(self.source))
-
-    def chunk_length(self, c: int) -> int:
-        first, last = self.chunk_span(c)
-        return last - first
-
-    def chunk_documents(self, c: int) -> list[tuple[str, str]]:
-        return source_pairs(self.source, *self.chunk_span(c))
-
-    def spans_for(self, rank: int, world_size: int) -> list[tuple[int, int, int, int]]:
-        out = []
-        for c in self.rank_chunks(rank, world_size):
-            first, last = self.chunk_span(c)
-            out += [(c, last - first, s, min(s + self.batch_size, last)) for s in range(first, last, self.batch_size)]
-        return out
-
-    def rank_chunks(self, rank: int, world_size: int) -> list[int]:
-        return [c for c in range(rank, self.n_chunks, world_size) if c not in self.done_chunks]
-
-    def iter_batches(self, rank: int, world_size: int):
-        """This rank's batches, read one at a time."""
-        batches = _ChunkBatches(self.source, self.spans_for(rank, world_size))
-        return (batches[i] for i in range(len(batches)))
-
-    def batches_for(self, rank: int, world_size: int) -> list[dict[str, Any]]:
-        return list(self.iter_batches(rank, world_size))
+        L.LightningDataModule.__init__(self)
+        ChunkPlan.__init__(self, documents, chunk_size, batch_size, done_chunks)
 
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(_ChunkBatches(self.source, self.spans_for(rank, world)), batch_size=None, shuffle=False,
+        return DataLoader(ChunkBatches(self.source, self.spans_for(rank, world)), batch_size=None, shuffle=False,
                           collate_fn=_as_is)
 
 
 class ChunkWriter(BasePredictionWriter):
-    """Collects rows per chunk and writes a chunk atomically when all its documents are in."""
+    """:class:`ChunkRows` as a prediction-writer callback: every batch's rows, chunk by chunk."""
 
     def __init__(self, store: FeatureStoreWriter, dim: int, dtype: str = "float16"):
         super().__init__(write_interval="batch")
-        self.store, self.dim, self.dtype = store, int(dim), np.dtype(dtype)
-        self.pending: dict[int, dict[str, Any]] = {}
-        self.chunks_written: list[int] = []
+        self.rows = ChunkRows(store, dim, dtype)
+
+    @property
+    def pending(self) -> dict[int, dict[str, Any]]:
+        return self.rows.pending
+
+    @property
+    def chunks_written(self) -> list[int]:
+        return self.rows.chunks_written
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0):
-        c = int(batch["chunk"])
-        acc = self.pending.setdefault(c, {"ids": [], "rows": [], "skipped": {}, "seen": []})
-        self._check(prediction, batch)
-        acc["seen"].extend(batch["ids"])
-        acc["skipped"].update(prediction.get("skipped") or {})
-        if prediction["ids"]:
-            rows = prediction["rows"].detach().float().cpu().numpy()
-            acc["ids"].extend(prediction["ids"])
-            acc["rows"].append(rows)
-        if len(acc["seen"]) == int(batch["chunk_len"]):
-            self._flush(c, self.pending.pop(c))
-
-    def _check(self, prediction: dict[str, Any], batch: dict[str, Any]) -> None:
-        got = list(prediction["ids"]) + list((prediction.get("skipped") or {}).keys())
-        if sorted(got) != sorted(batch["ids"]):
-            raise RuntimeError(f"feature module returned ids {got} for batch ids {batch['ids']}")
-        rows = prediction.get("rows")
-        n = 0 if rows is None else rows.shape[0]
-        if n != len(prediction["ids"]) or (n and rows.shape[1] != self.dim):
-            raise RuntimeError(f"feature module returned rows of shape {None if rows is None else tuple(rows.shape)} "
-                               f"for {len(prediction['ids'])} ids and feature_dim {self.dim}")
-
-    def _flush(self, c: int, acc: dict[str, Any]) -> None:
-        rows = np.concatenate(acc["rows"]) if acc["rows"] else np.zeros((0, self.dim), np.float32)
-        order = {doc_id: i for i, doc_id in enumerate(acc["seen"])}  # corpus order inside the chunk
-        perm = sorted(range(len(acc["ids"])), key=lambda i: order[acc["ids"][i]])
-        rows = rows[perm]
-        if not np.isfinite(rows).all():
-            raise RuntimeError(f"chunk {c}: non-finite feature values")
-        self.store.write_chunk(c, [acc["ids"][i] for i in perm], rows.astype(self.dtype), acc["skipped"])
-        self.chunks_written.append(c)
+        self.rows.add(prediction, batch)
 
 
 class DocumentProgress(Callback):
@@ -229,18 +108,6 @@ class DocumentProgress(Callback):
     def on_predict_end(self, trainer, pl_module):
         if self.bar is not None:
             self.bar.close()
-
-
-def store_manifest(module, source, chunk_size: int, dtype: str, store_dir: Path) -> dict[str, Any]:
-    """The module's manifest + chunking + corpus identity (+ finalize keys of an existing store)."""
-    manifest = dict(module.manifest())
-    manifest.update({"chunk_size": int(chunk_size), "dim": int(module.feature_dim), "dtype": dtype,
-                     "n_corpus_documents": len(source), "corpus_ids_sha256": corpus_fingerprint(source)})
-    old_path = store_dir / MANIFEST
-    if old_path.exists():  # finalize() adds these; they are results, not settings
-        old = json.loads(old_path.read_text())
-        manifest.update({k: old[k] for k in FINALIZE_KEYS if k in old})
-    return manifest
 
 
 def extract_features(module: L.LightningModule, documents: Iterable[Any], store_dir: str | Path, *,

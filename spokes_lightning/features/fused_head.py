@@ -12,7 +12,7 @@ returns ``delta W`` to the hidden states; the Kronecker sketch of the head (``R_
 chunk and handed to the caller in ``sink``. Peak extra memory is ``chunk_rows x vocab`` floats.
 
 :func:`decoder_and_head` finds the pieces (decoder stack with its final norm, head weight) of a
-plain causal LM; :meth:`ProxyGradientModule` checks once that ``head(decoder(x))`` reproduces the
+plain causal LM; :class:`~spokes_lightning.features.gradients.ProxyGradients` checks once that ``head(decoder(x))`` reproduces the
 model's logits before using this path.
 """
 from __future__ import annotations

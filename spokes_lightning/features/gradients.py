@@ -1,6 +1,8 @@
 """Per-document gradient features of a proxy causal LM (paper sections 3.1 eq. 3-4, 4.1-4.3).
 
-:class:`ProxyGradientModule` is a LightningModule for :func:`extract.extract_features`. For each
+:class:`ProxyGradients` is a plain ``nn.Module`` (the Accelerate path runs it as it is);
+:class:`~spokes_lightning.features.extract.ProxyGradientModule` is the same class as a
+LightningModule, for :func:`~spokes_lightning.features.extract.extract_features`. For each
 document it takes the gradient of the document's mean next-token loss (truncated to
 ``max_length`` tokens, section 4.3) with respect to the last ``n_layers`` decoder blocks plus the
 output head (section 4.1; for tied models the head is the embedding matrix, which is how
@@ -42,7 +44,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 import torch
 from torch import nn
 
@@ -94,8 +95,12 @@ def _model_fingerprint(model: nn.Module, ref: str | None) -> str:
     return f"{type(model).__name__}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-class ProxyGradientModule(L.LightningModule):
-    """Rows = Rademacher sketches of per-document gradients of the last ``n_layers`` (+ head)."""
+class ProxyGradients(nn.Module):
+    """Rows = Rademacher sketches of per-document gradients of the last ``n_layers`` (+ head).
+
+    A feature module (``predict_step``, ``feature_dim``, ``manifest``: :mod:`.chunks`) with no
+    training framework in it; :class:`~spokes_lightning.features.extract.ProxyGradientModule`
+    adds Lightning."""
 
     def __init__(
         self,
@@ -146,6 +151,11 @@ class ProxyGradientModule(L.LightningModule):
         self.documents_seen = 0
 
     # ----------------------------------------------------------------- setup
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (batches are moved there)."""
+        return next(self.model.parameters()).device
+
     @staticmethod
     def _tokenizer_for(ref: str | None):
         if ref is None:

@@ -3,7 +3,7 @@
 ``I(D_r, z) = -grad L(D_r)^T (H + lambda I)^-1 grad L(z)``. The preconditioned reference
 gradient ``u = (H + lambda I)^-1 grad L(D_r)`` is computed ONCE (:func:`reference_direction`)
 and then sketched with exactly the projection of the per-document gradient features
-(:class:`~spokes_lightning.features.gradients.ProxyGradientModule`: same proxy, layers, seed,
+(:class:`~spokes_lightning.features.gradients.ProxyGradients`: same proxy, layers, seed,
 Kronecker or dense Rademacher matrices), so for every pool document
 ``<sketch(u), sketch(grad L(z))> ~ <u, grad L(z)> = -I(D_r, z)`` is one dot product with the
 existing feature store (JL preserves inner products; memory is bounded by the sketch).
@@ -70,7 +70,7 @@ from spokes_lightning.features.kfac_options import (  # noqa: F401  (re-exported
     DAMPING_SPLITS, DEFAULT_DAMPING, DEFAULT_MAX_FACTOR_DIM, HESSIANS, QKV_MODES)
 
 if TYPE_CHECKING:  # gradients.py imports lightning: kept out of the selector's import path
-    from spokes_lightning.features.gradients import ProxyGradientModule
+    from spokes_lightning.features.gradients import ProxyGradients
 
 QKV_LEAVES = ("q_proj", "k_proj", "v_proj")
 _FLOOR = 1e-30
@@ -204,24 +204,24 @@ def kfac_ihvp(a: torch.Tensor, g: torch.Tensor, v: torch.Tensor, lam: float, spl
 # --------------------------------------------------------------------------- on a proxy
 
 
-def _batches(module: ProxyGradientModule, texts: Sequence[str], batch_size: int):
+def _batches(module: ProxyGradients, texts: Sequence[str], batch_size: int):
     _, token_lists, _ = module.tokenize([str(i) for i in range(len(texts))], list(texts))
     for start in range(0, len(token_lists), batch_size):
         yield module.pad(token_lists[start : start + batch_size])
 
 
-def _n_kept(module: ProxyGradientModule, texts: Sequence[str]) -> int:
+def _n_kept(module: ProxyGradients, texts: Sequence[str]) -> int:
     return len(module.tokenize([str(i) for i in range(len(texts))], list(texts))[0])
 
 
-def weight_param_names(module: ProxyGradientModule) -> dict[str, str]:
+def weight_param_names(module: ProxyGradients) -> dict[str, str]:
     """Linear layer name -> the name of its weight in ``module.grad_params`` (tied heads included)."""
     modules = dict(module.model.named_modules())
     by_id = {id(p): n for n, p in module.grad_params.items()}
     return {name: by_id[id(modules[name].weight)] for name in module.linear_names}
 
 
-def reference_gradient(module: ProxyGradientModule, texts: Sequence[str], batch_size: int = 8) -> dict[str, torch.Tensor]:
+def reference_gradient(module: ProxyGradients, texts: Sequence[str], batch_size: int = 8) -> dict[str, torch.Tensor]:
     """``grad L(D_r)``: the mean over documents of each one's mean-token-loss gradient, per parameter."""
     n = _n_kept(module, texts)
     if n == 0:
@@ -238,7 +238,7 @@ def reference_gradient(module: ProxyGradientModule, texts: Sequence[str], batch_
     return total
 
 
-def estimate_factors(module: ProxyGradientModule, texts: Sequence[str], blocks: list[Block], batch_size: int = 8,
+def estimate_factors(module: ProxyGradients, texts: Sequence[str], blocks: list[Block], batch_size: int = 8,
                      max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM) -> KFACFactors:
     """K-FAC factors of every block over the loss-carrying tokens of ``texts`` (module doc)."""
     from spokes_lightning.features.gradients import grad_only_from
@@ -284,7 +284,7 @@ def estimate_factors(module: ProxyGradientModule, texts: Sequence[str], blocks: 
     return acc
 
 
-def sketch_direction(module: ProxyGradientModule, direction: dict[str, torch.Tensor], seed: int | None = None) -> torch.Tensor:
+def sketch_direction(module: ProxyGradients, direction: dict[str, torch.Tensor], seed: int | None = None) -> torch.Tensor:
     """``direction`` (parameter name -> tensor, shaped like ``module.grad_params``) under the SAME sketch
     as the module's feature rows (``seed``: the primary one by default, or one of its extra seeds):
     a k-vector with ``<sketch(u), row(z)> ~ <u, grad L(z)>`` (error ``~ |u| |grad L(z)| / sqrt(k)``).
@@ -309,7 +309,7 @@ def sketch_direction(module: ProxyGradientModule, direction: dict[str, torch.Ten
         return projector.project({n: direction[n].reshape(1, -1).float() for n in sizes})[0]
 
 
-def precondition(module: ProxyGradientModule, gradient: dict[str, torch.Tensor], factor_texts: Sequence[str], *,
+def precondition(module: ProxyGradients, gradient: dict[str, torch.Tensor], factor_texts: Sequence[str], *,
                  damping: float = DEFAULT_DAMPING, damping_split: str = "pi", qkv: str = "joint",
                  max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM, batch_size: int = 8) -> tuple[dict, dict]:
     """``(H + lambda I)^-1 gradient`` with K-FAC factors from ``factor_texts``; non-Linear parts zero."""
@@ -333,7 +333,7 @@ def precondition(module: ProxyGradientModule, gradient: dict[str, torch.Tensor],
     return out, info
 
 
-def reference_direction(module: ProxyGradientModule, reference_texts: Sequence[str], factor_texts: Sequence[str] = (),
+def reference_direction(module: ProxyGradients, reference_texts: Sequence[str], factor_texts: Sequence[str] = (),
                         *, hessian: str = "kfac", damping: float = DEFAULT_DAMPING, damping_split: str = "pi",
                         qkv: str = "joint", max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
                         batch_size: int = 8) -> tuple[np.ndarray, dict]:

@@ -2,10 +2,11 @@
 
 :func:`extract_with_accelerate` is the Accelerate twin of
 :func:`spokes_lightning.features.extract.extract_features`: the same feature modules (each batch
-goes through the module's own ``predict_step``, e.g. :class:`ProxyGradientModule`'s sketches),
-the same fixed global chunks (:class:`ChunkedCorpusDataModule`: chunk ``c`` to process
-``c % num_processes``), the same chunk writer and feature store (manifest check, atomic chunks,
-resume of a killed run at any process count, rank-0 finalize), hence the same rows.
+goes through the module's own ``predict_step``, e.g. :class:`ProxyGradients`' sketches),
+the same fixed global chunks (:class:`~spokes_lightning.features.chunks.ChunkPlan`: chunk ``c`` to
+process ``c % num_processes``), the same chunk writer (:class:`~spokes_lightning.features.chunks.ChunkRows`)
+and feature store (manifest check, atomic chunks, resume of a killed run at any process count,
+rank-0 finalize), hence the same rows. Lightning is not imported on this path.
 
 Per-document gradients are never averaged across processes: a model that went through
 ``accelerator.prepare`` is unwrapped (``accelerator.unwrap_model``) and the backward runs on the
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from spokes_lightning.utils.errors import UserError
-from spokes_lightning.features.extract import ChunkedCorpusDataModule, ChunkWriter, as_source, store_manifest
+from spokes_lightning.features.chunks import ChunkPlan, ChunkRows, as_source, store_manifest
 from spokes_lightning.features.store import FeatureStore, FeatureStoreWriter, open_feature_store
 from spokes_lightning.utils.progress import progress as progress_bar
 from spokes_lightning.selection.driver import on_all_ranks
@@ -59,19 +60,20 @@ def _is_feature_module(obj: Any) -> bool:
 def feature_module_for(model_or_module: Any, accelerator=None, tokenizer=None, **gradient_options):
     """``(feature module, wrapped model or None)``.
 
-    A feature module (e.g. :class:`ProxyGradientModule`) is used as it is; a model directory or hub
-    id, or an ``nn.Module`` (unwrapped first if it went through ``accelerator.prepare``), becomes a
-    :class:`ProxyGradientModule` with ``tokenizer`` and ``gradient_options`` (``n_layers``, ``k``,
-    ``projection``, ``seed``, ``max_length``, ...).
+    A feature module (e.g. :class:`~spokes_lightning.features.gradients.ProxyGradients`, or its
+    LightningModule face ``ProxyGradientModule``) is used as it is; a model directory or hub id, or
+    an ``nn.Module`` (unwrapped first if it went through ``accelerator.prepare``), becomes a
+    :class:`~spokes_lightning.features.gradients.ProxyGradients` with ``tokenizer`` and
+    ``gradient_options`` (``n_layers``, ``k``, ``projection``, ``seed``, ``max_length``, ...).
     """
-    from spokes_lightning.features.gradients import ProxyGradientModule
+    from spokes_lightning.features.gradients import ProxyGradients
 
     if _is_feature_module(model_or_module):
         if gradient_options or tokenizer is not None:
             raise UserError("tokenizer and gradient options go with a model, not with a ready feature module")
         return model_or_module, None
     if isinstance(model_or_module, (str, Path)):
-        return ProxyGradientModule(str(model_or_module), tokenizer=tokenizer, **gradient_options), None
+        return ProxyGradients(str(model_or_module), tokenizer=tokenizer, **gradient_options), None
     if not isinstance(model_or_module, nn.Module):
         raise UserError(f"expected a feature module, a model or a model directory, got {type(model_or_module).__name__}")
     bare = accelerator.unwrap_model(model_or_module) if accelerator is not None else model_or_module
@@ -79,7 +81,7 @@ def feature_module_for(model_or_module: Any, accelerator=None, tokenizer=None, *
     if tokenizer is None:
         raise UserError("pass tokenizer= together with an in-memory model")
     wrapped = model_or_module if bare is not model_or_module else None
-    return ProxyGradientModule(bare, tokenizer=tokenizer, **gradient_options), wrapped
+    return ProxyGradients(bare, tokenizer=tokenizer, **gradient_options), wrapped
 
 
 def _saved_state(model: nn.Module) -> Callable[[], None]:
@@ -122,7 +124,7 @@ def extract_with_accelerate(model_or_module: Any, documents: Iterable[Any], stor
     store_dir = Path(store_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    # ProxyGradientModule switches requires_grad and eval mode on the model: put them back afterwards
+    # ProxyGradients switches requires_grad and eval mode on the model: put them back afterwards
     restore = _saved_state(model_or_module) if isinstance(model_or_module, nn.Module) else (lambda: None)
     try:
         module, wrapped = on_all_ranks(lambda: feature_module_for(model_or_module, accelerator, tokenizer,
@@ -144,10 +146,10 @@ def extract_with_accelerate(model_or_module: Any, documents: Iterable[Any], stor
             accelerator.print(f"[spokes] features: {len(dropped)} damaged chunk(s) in {store_dir} will be computed "
                               f"again ({', '.join(map(str, dropped[:10]))})")
         accelerator.wait_for_everyone()
-        data = ChunkedCorpusDataModule(pairs, chunk_size, batch_size, writer.done_chunks())
+        data = ChunkPlan(pairs, chunk_size, batch_size, writer.done_chunks())
         accelerator.wait_for_everyone()  # every process has read the finished chunks before any writes one
         pending = data.rank_chunks(rank, world)
-        chunk_writer = ChunkWriter(writer, dim, dtype)
+        chunk_writer = ChunkRows(writer, dim, dtype)
 
         def run_batches() -> list[int]:
             bar = progress_bar(desc=f"features ({type(module).__name__})", unit="doc",
@@ -162,7 +164,7 @@ def extract_with_accelerate(model_or_module: Any, documents: Iterable[Any], stor
                     stack.enter_context(torch.no_grad())  # as Trainer.predict(inference_mode=False)
                     for i, batch in enumerate(data.iter_batches(rank, world)):
                         prediction = module.predict_step(batch, i)  # the Lightning path's code, batch by batch
-                        chunk_writer.write_on_batch_end(None, module, prediction, None, batch, i)
+                        chunk_writer.add(prediction, batch)
                         bar.update(len(batch["ids"]))
                         for c in chunk_writer.chunks_written[reported:]:
                             if on_chunk is not None:

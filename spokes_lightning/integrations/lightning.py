@@ -15,7 +15,7 @@ Usage::
     )
     trainer.fit(model, datamodule=dm)  # batch: input_ids, labels, attention_mask, doc_ids
 
-``model`` can be the toolkit's :class:`~spokes_lightning.models.llama.CausalLMModule` wrapping any
+``model`` can be the toolkit's :class:`~spokes_lightning.models.lightning_lm.CausalLMModule` wrapping any
 Hugging Face causal LM (``CausalLMModule(hf_model, lr=3e-4, weight_decay=0.1)``): it trains on
 these batches, predicting only where ``labels != -100`` and ``attention_mask == 1``.
 

@@ -44,7 +44,7 @@ from transformers.trainer_callback import ExportableState
 
 from spokes_lightning.core import distributed as D
 from spokes_lightning.utils.errors import UserError, exit_on_uncaught_user_error
-from spokes_lightning.integrations.online_lightning import build_reselector
+from spokes_lightning.online import build_reselector
 from spokes_lightning.online.plan import OnlinePlan
 from spokes_lightning.online.reselect import OnlineReselector, decode_state, encode_state
 from spokes_lightning.utils.settings_hash import settings_hash
@@ -125,7 +125,7 @@ class OnlineReselectionTrainerCallback(TrainerCallback, ExportableState):
 class OnlineTrainerSelection:
     """Online reselection for a stock ``transformers.Trainer``, built in one call (see the module doc).
 
-    Arguments are those of :func:`~spokes_lightning.integrations.online_lightning.build_reselector` (``documents``:
+    Arguments are those of :func:`~spokes_lightning.online.reselect.build_reselector` (``documents``:
     paths, ``(id, text)`` pairs or dicts; ``mode``: online / random / static; ``**rule``: ``alpha``,
     ``quality``, ``static_ids``, ``fallback``, ``rounds``, ``sketch``). Attributes: ``reselector``,
     ``plan``, ``train_dataset`` and ``callback`` (pass both to the ``Trainer``), ``tokenizer``.

@@ -1,24 +1,20 @@
-"""Causal LMs: load a pretrained one, build a small LLaMA, train it with Lightning.
+"""Causal LMs: load a pretrained one, build a small LLaMA, and the training step every loop shares.
 
-Both trained models of the toolkit use these: the offline proxy (:mod:`.proxy_training`,
-packed blocks, warmup + cosine LR) and the local pretraining comparison (:mod:`.pretrain`,
-Megatron samples, constant LR).
+Every loop that trains a causal LM uses :func:`causal_lm_loss` and :func:`adamw`: the offline
+proxy (:mod:`.proxy_training`, packed blocks, warmup + cosine LR), the local pretraining
+comparison (:mod:`.pretrain`, Megatron samples, constant LR), the online arms and QuaDMix's
+proxy runs. No training framework here: :mod:`.lightning_lm` is the LightningModule around them.
 """
 from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Mapping
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from spokes_lightning.utils.errors import UserError
 from spokes_lightning.data.hub import load_pretrained
-from spokes_lightning.utils.progress import BAR_SETTINGS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -122,7 +118,8 @@ def causal_lm_loss(model, batch) -> torch.Tensor:
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _batch_size(batch) -> int:
+def batch_size_of(batch) -> int:
+    """Sequences in a batch of any :func:`causal_lm_loss` format."""
     if not isinstance(batch, Mapping):
         return len(batch[0])
     return len(batch["tokens"] if "tokens" in batch else batch["input_ids"])
@@ -136,56 +133,13 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class CausalLMModule(pl.LightningModule):
-    """Next-token training of a HF causal LM with AdamW (betas 0.9, 0.95).
-
-    Batches: any of :func:`causal_lm_loss` (packed ``(input_ids,)`` blocks, the
-    ``input_ids``/``labels``/``attention_mask`` batches of
-    :class:`~spokes_lightning.integrations.lightning.SelectedDataModule`, or Megatron samples)::
-
-        trainer.fit(CausalLMModule(model, lr=3e-4, weight_decay=0.1), datamodule=SelectedDataModule(...))
-
-    ``warmup_steps=None`` keeps the learning rate constant; otherwise it follows
-    :func:`warmup_cosine` over ``total_steps``. ``decay_all=False`` exempts norm weights and
-    biases from weight decay. Logs ``train_loss`` (averaged over ranks) and ``lr`` every step.
-    """
-
-    def __init__(self, model, lr: float, weight_decay: float, *, decay_all: bool = True,
-                 warmup_steps: int | None = None, total_steps: int | None = None):
-        super().__init__()
-        self.model = model
-        self.lr, self.weight_decay, self.decay_all = float(lr), float(weight_decay), bool(decay_all)
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
-
-    def training_step(self, batch, batch_idx):
-        loss = causal_lm_loss(self.model, batch)
-        size = _batch_size(batch)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True,
-                 batch_size=size)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
-                 batch_size=size)
-        return loss
-
-    def configure_optimizers(self):
-        if self.decay_all:
-            groups = self.model.parameters()
-        else:
-            decay, no_decay = [], []
-            for name, param in self.model.named_parameters():
-                (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-            groups = [{"params": decay, "weight_decay": self.weight_decay},
-                      {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay)
-        if self.warmup_steps is None:
-            return optimizer
-        total, warmup = int(self.total_steps), int(self.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class StderrTrainingBar(TQDMProgressBar):
-    """Lightning's training bar on stderr, with the settings of :func:`spokes_lightning.utils.progress.progress`."""
-
-    def init_train_tqdm(self):
-        return Tqdm(desc=self.train_description, disable=self.is_disabled, leave=True,
-                    file=sys.stderr, bar_format=self.BAR_FORMAT, **BAR_SETTINGS)
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, *, decay_all: bool = True) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95); ``decay_all=False`` exempts norm weights and biases from weight decay."""
+    if decay_all:
+        groups = model.parameters()
+    else:
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)

@@ -36,7 +36,8 @@ from spokes_lightning.utils.atomic import write_json_atomic, write_text_atomic
 from spokes_lightning.utils.errors import UserError
 from spokes_lightning.megatron.dataset import build_gpt_dataset, indexed_dataset_stats, require_megatron_prefix
 from spokes_lightning.megatron.launch_script import LLAMA_3_2_1B, megatron_llama_args
-from spokes_lightning.models.llama import StderrTrainingBar, llama_config
+from spokes_lightning.models.lightning_lm import StderrTrainingBar
+from spokes_lightning.models.llama import llama_config
 from spokes_lightning.models.megatron_gpt import MegatronGPTModule
 from spokes_lightning.models.pretrain_record import PretrainResult, curve_to_csv, load_cached, read_curve, run_hashes, sample_index_dir
 

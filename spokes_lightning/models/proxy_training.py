@@ -24,7 +24,8 @@ import torch
 
 from spokes_lightning.utils.atomic import write_json_atomic
 from spokes_lightning.utils.errors import UserError
-from spokes_lightning.models.llama import CausalLMModule, StderrTrainingBar, build_llama, llama_config
+from spokes_lightning.models.lightning_lm import CausalLMModule, StderrTrainingBar
+from spokes_lightning.models.llama import build_llama, llama_config
 from spokes_lightning.data.batches import full_blocks, tokenize_documents
 from spokes_lightning.models.tokenizer import corpus_hash, load_tokenizer
 

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from spokes_lightning.core import distributed as D
+from spokes_lightning.data.batches import id_text_pairs, pad_id_of, tokenize_documents
 from spokes_lightning.utils.errors import UserError
 from spokes_lightning.online.objective import TrainedOnGram, greedy_window_picks, unit_rows
 from spokes_lightning.online.plan import OnlinePlan, SegmentFiller
@@ -217,3 +218,20 @@ def decode_state(value):
     if isinstance(value, list):
         return [decode_state(v) for v in value]
     return value
+
+
+def build_reselector(documents, tokenizer, *, total_steps: int, every_n_steps: int, window: int,
+                     global_batch: int, seq_length: int, seed: int = 0, mode: str = "online",
+                     text_field: str = "text", **rule: Any) -> OnlineReselector:
+    """Tokenize the candidate pool once and build the plan + reselector (any framework)."""
+    if seq_length < 2 or global_batch < 1:
+        raise UserError(f"seq_length must be >= 2 and global_batch >= 1, got {seq_length}, {global_batch}")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise UserError("the tokenizer has no EOS token (set tokenizer.eos_token)")
+    pairs = id_text_pairs(documents, text_field)
+    if not pairs:
+        raise UserError("the candidate pool is empty")
+    tokens = tokenize_documents(tokenizer, [t for _, t in pairs], int(tokenizer.eos_token_id), label="tokenize candidates")
+    plan = OnlinePlan([i for i, _ in pairs], tokens, int(total_steps), int(every_n_steps), int(global_batch),
+                      int(seq_length), int(window), int(seed), pad_id_of(tokenizer))
+    return OnlineReselector(plan, [t for _, t in pairs], mode, **rule)

@@ -1,7 +1,7 @@
 """Gradient sketches of candidate documents under the model being trained (it is its own proxy).
 
 :class:`LiveGradientSketcher` runs the toolkit's per-document gradient sketch
-(:class:`spokes_lightning.features.gradients.ProxyGradientModule`: last ``n_layers`` blocks + head,
+(:class:`spokes_lightning.features.gradients.ProxyGradients`: last ``n_layers`` blocks + head,
 Kronecker + Rademacher projection to ``k``, paper sections 3.1 eq. 3-4 and 4.1-4.2) on the live,
 UNWRAPPED model. It takes gradients of activations only (``torch.autograd.grad``), so parameters'
 ``.grad``, the optimizer and DDP's reducer are never touched; the model's ``requires_grad`` flags
@@ -41,11 +41,11 @@ class LiveGradientSketcher:
 
     def __init__(self, model: nn.Module, tokenizer, *, n_layers: int = 2, k: int = 512, seed: int = 0,
                  max_length: int = 128, batch_size: int = 16):
-        from spokes_lightning.features.gradients import ProxyGradientModule
+        from spokes_lightning.features.gradients import ProxyGradients
 
         self.model, self.batch_size = model, int(batch_size)
         with training_state_kept(model):
-            self.module = ProxyGradientModule(model, tokenizer, n_layers=n_layers, k=k, seed=seed,
+            self.module = ProxyGradients(model, tokenizer, n_layers=n_layers, k=k, seed=seed,
                                               max_length=max_length, dtype="float32")
         self.settings = {"n_layers": int(n_layers), "k": int(k), "seed": int(seed), "max_length": int(max_length),
                          "batch_size": self.batch_size}

@@ -11,7 +11,7 @@ into ``--run-dir``::
   gradient of all blocks (+ head), compared by average row-wise Spearman correlation with the
   diagonal excluded. ``--method exact`` (default) uses un-projected per-document gradients: one
   backward per document, the Gram matrix accumulated per block, so every n comes from the same
-  gradients; ``--method dense`` uses :class:`ProxyGradientModule` with a dense Rademacher
+  gradients; ``--method dense`` uses :class:`ProxyGradients` with a dense Rademacher
   projection of dimension ``--k`` (for models too large to keep exact gradients);
   ``--exclude-head`` compares the decoder blocks alone.
 * ``k`` (appendix A, Fig. 5): SPOKES subsets (alpha = 0) at several JL dimensions vs a reference
@@ -171,9 +171,9 @@ class ProxyContext:
         return other
 
     def module(self, **kwargs):
-        from spokes_lightning.features.gradients import ProxyGradientModule
+        from spokes_lightning.features.gradients import ProxyGradients
 
-        return ProxyGradientModule(self.model, tokenizer=self.tokenizer, max_length=self.max_length,
+        return ProxyGradients(self.model, tokenizer=self.tokenizer, max_length=self.max_length,
                                    dtype="float32", **kwargs)
 
     @property
@@ -198,7 +198,7 @@ class ProxyContext:
 def exact_block_grams(ctx: ProxyContext) -> tuple[list[str], dict[str, np.ndarray]]:
     """Per-block Gram matrices of exact per-document gradients ("head" = output head).
 
-    Uses :class:`ProxyGradientModule`'s loss (mean next-token cross-entropy, truncated) with
+    Uses :class:`ProxyGradients`'s loss (mean next-token cross-entropy, truncated) with
     every decoder block + head selected; the gradient of block l of all documents is held at
     once, so memory is ``n_docs x largest_block_params`` floats.
     """

@@ -62,7 +62,8 @@ def train_arm(ctx: RunContext, arm: str, out_dir: Path, static_ids) -> dict:
     import torch
 
     from spokes_lightning.models.val_loss import validation_loss
-    from spokes_lightning.models.llama import CausalLMModule, StderrTrainingBar, build_llama
+    from spokes_lightning.models.lightning_lm import CausalLMModule, StderrTrainingBar
+    from spokes_lightning.models.llama import build_llama
     from spokes_lightning.models.pretrain import pretrain_llama_config, save_model
     from spokes_lightning.integrations.online_lightning import OnlineReselectionCallback, OnlineSelectionDataModule
 
@@ -120,12 +121,12 @@ def train_arm(ctx: RunContext, arm: str, out_dir: Path, static_ids) -> dict:
 def score_gvendi(model_dir: Path, tokenizer, ids_by_arm: dict[str, list[str]], texts: dict[str, str],
                  *, k: int, max_length: int, seed: int) -> dict[str, float]:
     """G-Vendi of each arm's trained-on documents under one projection of one model (rows computed once)."""
-    from spokes_lightning.features.gradients import ProxyGradientModule
+    from spokes_lightning.features.gradients import ProxyGradients
     from spokes_lightning.models.llama import load_causal_lm
     from spokes_lightning.utils.progress import progress
     from spokes_lightning.core.vendi import vendi_score
 
-    module = ProxyGradientModule(load_causal_lm(model_dir), tokenizer, k=k, seed=seed, max_length=max_length,
+    module = ProxyGradients(load_causal_lm(model_dir), tokenizer, k=k, seed=seed, max_length=max_length,
                                  dtype="float32")
     union = sorted({i for ids in ids_by_arm.values() for i in ids})
     rows: dict[str, np.ndarray] = {}

@@ -17,7 +17,7 @@ from tiny_proxy import build_tiny_proxy, tiny_documents  # noqa: E402
 
 from spokes_lightning.utils.errors import UserError  # noqa: E402
 from spokes_lightning.features.extract import ChunkedCorpusDataModule, extract_features  # noqa: E402
-from spokes_lightning.features.gradients import ProxyGradientModule  # noqa: E402
+from spokes_lightning.features.extract import ProxyGradientModule  # noqa: E402
 from spokes_lightning.features.store import open_feature_store  # noqa: E402
 
 torch.set_num_threads(1)

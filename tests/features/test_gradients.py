@@ -1,4 +1,4 @@
-"""ProxyGradientModule on a tiny random-init Llama: selected params, eq. 4, batch independence."""
+"""ProxyGradients on a tiny random-init Llama: selected params, eq. 4, batch independence."""
 import math
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from tiny_proxy import build_tiny_proxy, tiny_documents  # noqa: E402
 
 from spokes_lightning.utils.errors import UserError  # noqa: E402
-from spokes_lightning.features.gradients import ProxyGradientModule  # noqa: E402
+from spokes_lightning.features.gradients import ProxyGradients  # noqa: E402
 from spokes_lightning.features.projection import DenseRademacherProjector  # noqa: E402
 
 torch.set_num_threads(1)
@@ -30,7 +30,7 @@ def docs():
 def make(proxy_dir, **kw):
     kw.setdefault("k", 64)
     kw.setdefault("max_length", 32)
-    return ProxyGradientModule(str(proxy_dir), **kw)
+    return ProxyGradients(str(proxy_dir), **kw)
 
 
 def _params_with_grad(module, docs):
@@ -193,5 +193,5 @@ def test_bad_input_is_one_line_user_error(proxy_dir, tmp_path):
     ]
     for kwargs, text in cases:
         with pytest.raises(UserError, match=text) as info:
-            ProxyGradientModule(**kwargs)
+            ProxyGradients(**kwargs)
         assert "\n" not in str(info.value)

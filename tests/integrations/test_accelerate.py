@@ -20,7 +20,7 @@ from tiny_proxy import build_tiny_proxy, tiny_documents  # noqa: E402
 
 from spokes_lightning.utils.errors import UserError  # noqa: E402
 from spokes_lightning.features.extract import extract_features  # noqa: E402
-from spokes_lightning.features.gradients import ProxyGradientModule  # noqa: E402
+from spokes_lightning.features.extract import ProxyGradientModule  # noqa: E402
 from spokes_lightning.features.store import open_feature_store  # noqa: E402
 from spokes_lightning.integrations.accelerate import extract_with_accelerate  # noqa: E402
 
@@ -97,7 +97,7 @@ def test_two_processes_match_one_process_and_the_lightning_path(proxy_dir, light
     assert reports[0]["chunks"] == [0, 2, 4] and reports[1]["chunks"] == [1, 3]  # chunk c -> rank c % 2
     assert all(r["requires_grad_kept"] for r in reports.values())  # the user's model is given back as it was
     one = tmp_path / "one"
-    proc = run(proxy_dir, one, 1, 0, 2, "module")  # 1 process, a ProxyGradientModule
+    proc = run(proxy_dir, one, 1, 0, 2, "module")  # 1 process, a ProxyGradients module
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert rank_reports(one)[0]["chunks"] == list(range(N_CHUNKS))
     for store in (two, one):

@@ -213,7 +213,8 @@ def test_causal_lm_module_fits_on_selected_datamodule_batches(tmp_path):
     import lightning as L
     import torch
 
-    from spokes_lightning.models.llama import CausalLMModule, build_llama, causal_lm_loss, llama_config
+    from spokes_lightning.models.lightning_lm import CausalLMModule
+    from spokes_lightning.models.llama import build_llama, causal_lm_loss, llama_config
 
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_text import tiny_corpus, tiny_tokenizer

@@ -65,7 +65,7 @@ def rebuilt_plan(corpus, segments):
 
     from transformers import PreTrainedTokenizerFast
 
-    from spokes_lightning.integrations.online_lightning import build_reselector
+    from spokes_lightning.online import build_reselector
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tok.json"), eos_token="[EOS]", pad_token="[PAD]")
     docs = [(d["id"], d["text"]) for d in map(json.loads, gzip.open(corpus / "corpus.jsonl.gz", "rt"))]

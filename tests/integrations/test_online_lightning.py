@@ -46,7 +46,7 @@ def test_one_process_fit_reselects_with_the_model_and_leaves_it_trainable(corpus
     assert set(rank0["trained_on"]) <= set(planned) and len(rank0["trained_on"]) >= len(planned) - 4
     from transformers import PreTrainedTokenizerFast
 
-    from spokes_lightning.integrations.online_lightning import build_reselector
+    from spokes_lightning.online import build_reselector
 
     tok = PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tok.json"), eos_token="[EOS]", pad_token="[PAD]")
     rand = build_reselector(make_docs(150, seed=4), tok, total_steps=15, every_n_steps=3, window=24, global_batch=4,

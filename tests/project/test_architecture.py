@@ -57,3 +57,21 @@ def test_no_module_imports_a_private_name_from_another_package():
                 if other != package and private:
                     found.append(f"{path.relative_to(ROOT)}: {node.module} {private}")
     assert not found, found
+
+
+def test_the_accelerate_and_trainer_paths_import_no_lightning():
+    """Accelerate and ``transformers.Trainer`` users need no Lightning: those paths never import it
+    (nor do the feature modules, the online core and the shared training step they run on)."""
+    import subprocess
+    import sys
+
+    modules = ["spokes_lightning.integrations.accelerate", "spokes_lightning.integrations.hf_trainer",
+               "spokes_lightning.integrations.online_hf_trainer", "spokes_lightning.features.gradients",
+               "spokes_lightning.features.chunks", "spokes_lightning.online", "spokes_lightning.models.llama"]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    # the check itself sees Lightning when it is there
+    out = subprocess.run([sys.executable, "-c", code.replace("spokes_lightning.online'", "spokes_lightning.features.extract'")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "lightning" in out

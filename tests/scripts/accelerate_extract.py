@@ -3,7 +3,7 @@
 usage: accelerate launch ... accelerate_extract.py MODEL_DIR STORE_DIR N_DOCS CHUNK_SIZE BATCH_SIZE
        [SLEEP_AFTER_CHUNK_S] [N_LAYERS] [MODE]
 MODE ``prepared`` (default): the model goes through ``accelerator.prepare`` (DDP when launched with
-2 processes) and the toolkit unwraps it; ``module``: a ProxyGradientModule made from MODEL_DIR.
+2 processes) and the toolkit unwraps it; ``module``: a ProxyGradients made from MODEL_DIR.
 Prints "chunk-written C" after each chunk it wrote; with SLEEP_AFTER_CHUNK_S it then sleeps (so a
 test can kill it). Bad input: one line on stderr, exit 2.
 """
@@ -42,9 +42,9 @@ def main(argv):
     options = dict(n_layers=n_layers, k=64, max_length=32)  # as tests/scripts/extract_run.py
     with user_errors_exit():
         if mode == "module":
-            from spokes_lightning.features.gradients import ProxyGradientModule
+            from spokes_lightning.features.gradients import ProxyGradients
 
-            target, options = ProxyGradientModule(model_dir, **options), {}
+            target, options = ProxyGradients(model_dir, **options), {}
         else:
             target = accelerator.prepare(AutoModelForCausalLM.from_pretrained(model_dir))
             options["tokenizer"] = AutoTokenizer.from_pretrained(model_dir)

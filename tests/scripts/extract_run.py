@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_proxy import tiny_documents  # noqa: E402
 
 from spokes_lightning.features.extract import ChunkWriter, extract_features  # noqa: E402
-from spokes_lightning.features.gradients import ProxyGradientModule  # noqa: E402
+from spokes_lightning.features.extract import ProxyGradientModule  # noqa: E402
 
 
 class ReportChunks(Callback):

@@ -19,7 +19,7 @@ def main():
 
     from spokes_lightning.utils.errors import user_errors_exit
     from spokes_lightning.integrations.online_hf_trainer import OnlineReselectionTrainerCallback, OnlineTrainerDataset
-    from spokes_lightning.integrations.online_lightning import build_reselector
+    from spokes_lightning.online import build_reselector
 
     sys.path.insert(0, str(Path(__file__).parent))
     from online_run import tiny_llama

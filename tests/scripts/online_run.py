@@ -48,7 +48,7 @@ def fit(docs, tok, out, devices, mode, settings):
     Trainer + DataModule resumed from it (``ckpt_path``) and record both runs."""
     import lightning as L
 
-    from spokes_lightning.models.llama import CausalLMModule
+    from spokes_lightning.models.lightning_lm import CausalLMModule
     from spokes_lightning.integrations.online_lightning import OnlineReselectionCallback, OnlineSelectionDataModule
 
     class Recording(CausalLMModule):
@@ -98,7 +98,7 @@ def sketch(docs, tok, out, model_dir, settings):
     import torch.distributed as dist
     from transformers import LlamaForCausalLM
 
-    from spokes_lightning.integrations.online_lightning import build_reselector
+    from spokes_lightning.online import build_reselector
 
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")

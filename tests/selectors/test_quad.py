@@ -149,9 +149,9 @@ def proxy_dir(tmp_path_factory):
 
 
 def module_for(proxy_dir, projection="kronecker", k=512):
-    from spokes_lightning.features.gradients import ProxyGradientModule
+    from spokes_lightning.features.gradients import ProxyGradients
 
-    return ProxyGradientModule(str(proxy_dir), n_layers=2, projection=projection, k=k, seed=3, max_length=24)
+    return ProxyGradients(str(proxy_dir), n_layers=2, projection=projection, k=k, seed=3, max_length=24)
 
 
 def per_doc_gradients(module, texts):
@@ -201,11 +201,11 @@ def spearman(a, b):
 
 
 def test_reference_direction_ranks_documents_like_the_dense_exact_influence(proxy_dir):
-    from spokes_lightning.features.gradients import ProxyGradientModule
+    from spokes_lightning.features.gradients import ProxyGradients
 
     seeds = list(range(3, 11))
     k = 1024
-    m = ProxyGradientModule(str(proxy_dir), n_layers=2, projection="kronecker", k=k, seed=seeds[0], max_length=24,
+    m = ProxyGradients(str(proxy_dir), n_layers=2, projection="kronecker", k=k, seed=seeds[0], max_length=24,
                             extra_seeds=seeds[1:])
     docs = [t for _, t in tiny_documents(40, seed=4) if len(t) > 10]
     ref, factors, pool = docs[:6], docs[6:18], docs[18:]

@@ -53,7 +53,7 @@ class Gradients(FeatureFamily):
 
     def module(self, ctx, seeds: list[int] | None = None):
         from spokes_lightning.models.tokenizer import load_tokenizer
-        from spokes_lightning.features.gradients import ProxyGradientModule
+        from spokes_lightning.features.extract import ProxyGradientModule
 
         seeds = list(seeds or self.seeds(ctx.cfg))
         from spokes_lightning.pipeline.outputs import ProxyOutput

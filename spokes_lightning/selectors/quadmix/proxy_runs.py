@@ -2,7 +2,7 @@
 
 Each proxy is the toolkit's own small LLaMA (:func:`~spokes_lightning.models.pretrain.pretrain_llama_config`
 + :func:`~spokes_lightning.models.llama.build_llama`, the same seed so every proxy starts from the
-same weights), trained with the toolkit's optimiser (:class:`~spokes_lightning.models.llama.CausalLMModule`:
+same weights), trained with the toolkit's optimiser (:func:`~spokes_lightning.models.llama.adamw`:
 AdamW, betas 0.9/0.95, constant learning rate) and loss (:func:`~spokes_lightning.models.llama.causal_lm_loss`)
 on the sampled documents packed like the proxy's (:func:`~spokes_lightning.models.proxy_training.pack_blocks`:
 each copy truncated to ``seq_length - 1`` tokens + EOS, cut into blocks), for the SAME number of
@@ -116,7 +116,7 @@ class ProxyRunner:
         import torch
 
         from spokes_lightning.models.val_loss import summed_window_loss
-        from spokes_lightning.models.llama import CausalLMModule, build_llama, causal_lm_loss
+        from spokes_lightning.models.llama import adamw, build_llama, causal_lm_loss
         from spokes_lightning.models.pretrain import pretrain_llama_config
         from spokes_lightning.models.proxy_training import pack_blocks
 
@@ -129,7 +129,7 @@ class ProxyRunner:
         config = pretrain_llama_config(len(self.tokenizer), seq_length=s.seq_length, n_layers=s.n_layers,
                                        hidden=s.hidden, heads=s.heads)
         model = build_llama(config, s.seed).to(device).train()
-        optimizer = CausalLMModule(model, s.lr, s.weight_decay).configure_optimizers()
+        optimizer = adamw(model, s.lr, s.weight_decay)
         generator = torch.Generator().manual_seed(s.seed)
         order = torch.randperm(len(blocks), generator=generator)
         at = 0
