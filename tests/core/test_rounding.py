@@ -85,16 +85,22 @@ def test_rounding_is_seeded_and_chunk_size_independent(rule):
     assert len(np.intersect1d(a.indices, c.indices)) >= 149
 
 
-@pytest.mark.parametrize("rule", ROUNDING_RULES)
-def test_two_ranks_give_the_same_subset_for_every_rule(tmp_path, rule):
+@pytest.fixture(scope="module")
+def sharded_rules(tmp_path_factory):
+    """Every rounding rule on the same clustered matrix, on 1 and on 2 gloo ranks (one process group each)."""
+    from sharded_spokes import run_on_one_and_two_ranks
+
+    folder = tmp_path_factory.mktemp("sharded")
     x, _ = clustered(1201, 40, 15, 0.6, "zipf", 707)
-    np.save(tmp_path / "x.npy", x.astype(np.float16))
-    got = {}
-    for world in (1, 2):
-        out = tmp_path / f"{rule}{world}.npz"
-        subprocess.run([sys.executable, "tests/scripts/spokes_sharded.py", str(tmp_path / "x.npy"), "-", "90", "0.0",
-                        str(world), str(out), "256", rule, "5"], check=True, timeout=300)
-        got[world] = np.load(out)
+    np.save(folder / "x.npy", x.astype(np.float16))
+    jobs = {rule: {"features": str(folder / "x.npy"), "quality": None, "k": 90, "alpha": 0.0, "chunk_rows": 256,
+                   "rounding": rule, "seed": 5} for rule in ROUNDING_RULES}
+    return run_on_one_and_two_ranks(jobs, folder)
+
+
+@pytest.mark.parametrize("rule", ROUNDING_RULES)
+def test_two_ranks_give_the_same_subset_for_every_rule(sharded_rules, rule):
+    got = sharded_rules[rule]
     assert np.array_equal(got[1]["indices"], got[2]["indices"])
     assert np.array_equal(got[1]["weights"], got[2]["weights"])  # bit-identical: grid-aligned shards
 

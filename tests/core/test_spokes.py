@@ -109,24 +109,26 @@ def test_selection_independent_of_chunk_size(planted):
     assert np.array_equal(a.indices, b.indices)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.01])
-def test_two_ranks_equal_one_rank(tmp_path, planted, alpha):
+@pytest.fixture(scope="module")
+def sharded_runs(planted, tmp_path_factory):
+    """SPOKES at both alphas below, on 1 and on 2 gloo ranks (one process group per world size)."""
+    from sharded_spokes import run_on_one_and_two_ranks
+
+    folder = tmp_path_factory.mktemp("sharded")
     x, _ = planted
-    x = x[:1201].astype(np.float16)
-    q = np.random.default_rng(1).random(len(x)) + 0.05
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "q.npy", q)
-    out = {}
-    for world in (1, 2):
-        path = tmp_path / f"w{world}.npz"
-        subprocess.run([sys.executable, "tests/scripts/spokes_sharded.py", str(tmp_path / "x.npy"),
-                        str(tmp_path / "q.npy"), "120", str(alpha), str(world), str(path), "256"],
-                       check=True, timeout=300)
-        out[world] = np.load(path)
+    np.save(folder / "x.npy", x[:1201].astype(np.float16))
+    np.save(folder / "q.npy", np.random.default_rng(1).random(1201) + 0.05)
+    jobs = {f"alpha{alpha}": {"features": str(folder / "x.npy"), "quality": str(folder / "q.npy"), "k": 120,
+                              "alpha": alpha, "chunk_rows": 256} for alpha in (0.0, 0.01)}
+    return run_on_one_and_two_ranks(jobs, folder)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.01])
+def test_two_ranks_equal_one_rank(sharded_runs, alpha):
+    out = sharded_runs[f"alpha{alpha}"]
     assert np.array_equal(out[1]["indices"], out[2]["indices"])
     np.testing.assert_allclose(out[1]["weights"], out[2]["weights"], rtol=1e-9)
     np.testing.assert_allclose(out[1]["objective"], out[2]["objective"], rtol=1e-12)
-
 
 
 def test_collectives_follow_the_process_group_backend():
