@@ -5,12 +5,17 @@ Three sources, all returning scores >= 0 (SPOKES takes ln of the weighted mean q
 * a column already in the data (FineWeb-Edu ``score``, a DCLM fastText score):
   :func:`quality_from_column`;
 * a Hugging Face sequence-classification model, e.g. ``HuggingFaceTB/fineweb-edu-classifier``
-  (the paper's quality filter, section 5.2): :class:`ClassifierQualityModule`, whose score is
+  (the paper's quality filter, section 5.2):
+  :class:`~spokes_lightning.features.quality_modules.ClassifierQualityModule`, whose score is
   the regression logit clipped at 0 (the classifier's 0-5 educational scale);
 * offline default: a classifier trained here on the shipped DCLM human quality labels
   (:func:`train_quality_classifier`) over MiniLM embeddings. Its score is the predicted
   probability that a document is "high quality", clipped to [``MIN_PROBABILITY``, 1] so that
-  ln q stays finite. :class:`EmbeddingQualityModule` applies it through the extraction runner.
+  ln q stays finite. :class:`~spokes_lightning.features.quality_modules.EmbeddingQualityModule`
+  applies it through the extraction runner.
+
+This module needs no Lightning: the two feature modules (LightningModules for the extraction
+runner) live in :mod:`spokes_lightning.features.quality_modules`.
 """
 from __future__ import annotations
 
@@ -21,9 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import lightning.pytorch as pl
 import numpy as np
-import torch
 
 from spokes_lightning.utils.atomic import atomic_path, write_json_atomic
 from spokes_lightning.utils.errors import UserError
@@ -80,40 +83,6 @@ def load_sequence_classifier(ref: str | os.PathLike = DEFAULT_CLASSIFIER):
 
     return load_pretrained(ref, loader, what="quality classifier", setting="quality.model",
                            example="fineweb-edu-classifier")
-
-
-class ClassifierQualityModule(pl.LightningModule):
-    """Feature module: the regression logit of a HF classifier as a 1-d quality row.
-
-    For the FineWeb-Edu classifier the logit is on its 0-5 educational-value scale; it is
-    clipped at ``min_score`` (default 0) so that ln Q is defined.
-    """
-
-    feature_dtype = "float32"
-
-    def __init__(self, model: str | os.PathLike = DEFAULT_CLASSIFIER, max_length: int = 512,
-                 min_score: float = 0.0):
-        super().__init__()
-        self.model_name = str(model)
-        self.classifier, self.tokenizer = load_sequence_classifier(model)
-        self.max_length = int(max_length)
-        self.min_score = float(min_score)
-
-    @property
-    def feature_dim(self) -> int:
-        return 1
-
-    def manifest(self) -> dict[str, Any]:
-        return {"feature": "quality", "source": "hf_classifier", "model": self.model_name,
-                "max_length": self.max_length, "min_score": self.min_score}
-
-    @torch.no_grad()
-    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
-        ids, texts = list(batch["ids"]), list(batch["texts"])
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)
-        logits = self.classifier(**encoded).logits.float()
-        return {"ids": ids, "rows": logits[:, :1].clamp_min(self.min_score), "skipped": {}}
 
 
 # --------------------------------------------------------------------------- trained offline
@@ -272,33 +241,3 @@ def load_quality_classifier(out_dir: str | os.PathLike, expect: dict | None = No
             return None
         raise UserError(f"no trained quality classifier in {out_dir} (train it first)")
     return QualityClassifier(blob["estimator"], blob["name"], blob["embedding_model"]), metrics
-
-
-class EmbeddingQualityModule(pl.LightningModule):
-    """Feature module: embed each document, then score it with a :class:`QualityClassifier`."""
-
-    feature_dtype = "float32"
-
-    def __init__(self, classifier_dir: str | os.PathLike, embedding_model: str | None = None,
-                 max_length: int = 256):
-        super().__init__()
-        from spokes_lightning.features.embeddings import EmbeddingModule
-
-        self.classifier_dir = Path(classifier_dir)
-        self.classifier, self.metrics = load_quality_classifier(self.classifier_dir)
-        self.embedder = EmbeddingModule(embedding_model, max_length=max_length)
-
-    @property
-    def feature_dim(self) -> int:
-        return 1
-
-    def manifest(self) -> dict[str, Any]:
-        return {"feature": "quality", "source": "trained_classifier",
-                "classifier": self.metrics.get("chosen"), "labels_sha256": self.metrics.get("labels_sha256"),
-                "classifier_seed": self.metrics.get("seed"), "embedding": self.embedder.manifest()}
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
-        ids, texts = list(batch["ids"]), list(batch["texts"])
-        embeddings = self.embedder.embed(texts).cpu().numpy()
-        scores = self.classifier.score(embeddings)
-        return {"ids": ids, "rows": torch.from_numpy(scores.astype(np.float32)).view(-1, 1), "skipped": {}}

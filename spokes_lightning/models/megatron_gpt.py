@@ -19,6 +19,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from spokes_lightning.megatron.dataset import build_gpt_dataset
+from spokes_lightning.models.pretrain_record import curve_to_csv
+from spokes_lightning.utils.atomic import write_text_atomic
+
 
 def causal_mask(seq_length: int) -> torch.Tensor:
     """``[1, 1, T, T]`` boolean mask, True above the diagonal (= not attended), as megatron-core expects."""
@@ -93,3 +97,59 @@ class MegatronGPTModule(L.LightningModule):
         if self._megatron is not None:
             self._megatron.close()
             self._megatron = None
+
+
+# ----------------------------------------------------------------------------- data and curve
+
+
+class MegatronDataModule(L.LightningDataModule):
+    """Serves one exported prefix through megatron-core's ``GPTDataset``.
+
+    The dataset is built in ``setup`` on every process (Megatron builds its sample index on
+    rank 0 first, then the other ranks read the cache). It is already shuffled the Megatron
+    way, so the loader keeps its order; under DDP a non-shuffling DistributedSampler splits it.
+    """
+
+    def __init__(self, prefix, tokenizer_facts, seq_length, num_samples, seed, cache_dir, batch):
+        super().__init__()
+        self.kwargs = dict(tokenizer=tokenizer_facts, seq_length=seq_length,
+                           num_samples=num_samples, seed=seed, cache_dir=cache_dir)
+        self.prefix, self.batch, self.dataset = prefix, batch, None
+
+    def setup(self, stage=None):
+        if self.dataset is None:
+            self.dataset = build_gpt_dataset(self.prefix, **self.kwargs)
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        sampler = None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1:
+            # Keep Megatron's sample order: global batch i is samples [i*B, (i+1)*B) on any
+            # number of devices (Lightning's own sampler would re-shuffle).
+            sampler = DistributedSampler(self.dataset, num_replicas=world,
+                                         rank=self.trainer.global_rank, shuffle=False,
+                                         drop_last=True)
+        return DataLoader(self.dataset, batch_size=self.batch, sampler=sampler, shuffle=False,
+                          drop_last=True)
+
+
+class CurveRecorder(L.Callback):
+    """Collects (step, tokens, loss, lr) every step; rank 0 writes ``metrics.csv``."""
+
+    def __init__(self, metrics_path: str, tokens_per_step: int):
+        self.metrics_path, self.tokens_per_step = metrics_path, tokens_per_step
+        self.rows: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        loss = float(trainer.callback_metrics["train_loss"])
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.rows.append(
+            {"step": step, "tokens_seen": step * self.tokens_per_step, "loss": loss, "lr": lr}
+        )
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            write_text_atomic(self.metrics_path, curve_to_csv(self.rows))

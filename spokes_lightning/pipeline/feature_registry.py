@@ -20,7 +20,13 @@ The contract:
   and named scores as ``quality_scores.<name>`` (``{"scores": .npy, "ids": .npy}``);
 * ``handed_on(outputs)``: the files among the stage's outputs that later stages read (none
   when this family did not run);
-* ``check(cfg)``: preflight, one line for bad settings before any work (called when enabled).
+* ``check(cfg)``: preflight, one line for bad settings before any work (called when enabled);
+* ``reads``: the names of earlier families whose outputs it reads (their keys are part of its own).
+
+Each family is cached on its own (:func:`run_family`): a family whose key (its settings, the
+features stage's upstream keys and the keys of the families it ``reads``) and recorded files are
+unchanged is taken from ``features/families/<name>.json`` without loading a model, so a rerun
+that only adds or drops a family (a method that needs one) computes that family alone.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ class FeatureFamily:
     name: ClassVar[str] = ""
     computes: ClassVar[str] = ""
     order: ClassVar[int] = 100
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def settings(self, cfg) -> dict:
         return {}
@@ -87,6 +94,55 @@ def registered_families() -> list[FeatureFamily]:
     """Every family registered so far, in run order (:func:`spokes_lightning.pipeline.families.all_families`
     imports the built-in ones first)."""
     return [cls() for cls in sorted(_REGISTRY.values(), key=lambda c: (c.order, c.name))]
+
+
+# --------------------------------------------------------------------------- one family's cache
+
+#: under run_dir: one record per family of what it last computed (key, outputs, their files)
+FAMILY_RECORDS = ("features", "families")
+
+
+def family_key(ctx, family: FeatureFamily, upstream: tuple[str, ...], earlier: dict[str, str]) -> str:
+    """What ``family``'s outputs derive from: its settings, the upstream stages' keys and the keys
+    of the families it reads (``earlier``: name -> key of the families run before it)."""
+    from spokes_lightning.pipeline.stage import to_plain
+
+    missing = [name for name in family.reads if name not in earlier]
+    if missing:
+        raise UserError(f"feature family {family.name} reads {', '.join(missing)}, which did not run before it")
+    return settings_hash({"family": family.name, "settings": to_plain(family.settings(ctx.cfg)),
+                          "upstream": {name: ctx.keys.get(name) for name in upstream},
+                          "reads": {name: earlier[name] for name in family.reads}})
+
+
+def run_family(ctx, family: FeatureFamily, key: str) -> dict:
+    """``family.run(ctx)``, or its recorded outputs when they were made under ``key`` and every file
+    they name is as it was written (sizes and digests, as a stage marker checks them)."""
+    from spokes_lightning.core.distributed import world
+    from spokes_lightning.data.ranks import barrier
+    from spokes_lightning.pipeline.outputs import FeaturesOutput
+    from spokes_lightning.pipeline.stage import log
+    from spokes_lightning.utils.atomic import json_round_trip
+    from spokes_lightning.utils.output_check import first_problem, record_outputs
+
+    record = ctx.run_dir.joinpath(*FAMILY_RECORDS, f"{family.name}.json")
+    try:
+        old = json.loads(record.read_text())
+        reusable = old["key"] == key and first_problem(ctx.run_dir, old["files"]) is None
+    except (OSError, ValueError, KeyError, TypeError):
+        reusable = False
+    barrier()  # every rank has looked before rank 0 replaces the record
+    if reusable:
+        log(f"features: {family.name}: cached (same settings and inputs), skipping")
+        return old["outputs"]
+    if world()[0] == 0:
+        record.unlink(missing_ok=True)
+    part = json_round_trip(family.run(ctx))
+    if world()[0] == 0:
+        files = record_outputs(ctx.run_dir, family.handed_on(FeaturesOutput.from_json(part)))
+        write_json_atomic(record, {"key": key, "outputs": part, "files": files})
+    barrier()
+    return part
 
 
 # --------------------------------------------------------------------------- shared by families

@@ -4,7 +4,7 @@ quality scores, each a chunked, resumable feature store or a score file."""
 from __future__ import annotations
 
 from spokes_lightning.pipeline.families import all_families as families
-from spokes_lightning.pipeline.feature_registry import check_quality_source
+from spokes_lightning.pipeline.feature_registry import check_quality_source, family_key, run_family
 from spokes_lightning.pipeline.preflight import hub_resource
 from spokes_lightning.pipeline.outputs import FeaturesOutput
 from spokes_lightning.pipeline.stage import Stage
@@ -39,8 +39,9 @@ class FeaturesStage(Stage):
     def run(self, ctx):
         registered = families()
         check_quality_source(ctx.cfg, registered)
-        out = {}
-        for family in registered:
+        out, keys = {}, {}
+        for family in registered:  # each cached on its own: a family added to a run computes alone
             if family.enabled(ctx.cfg):
-                out.update(family.run(ctx))
+                keys[family.name] = family_key(ctx, family, self.needs, keys)
+                out.update(run_family(ctx, family, keys[family.name]))
         return FeaturesOutput.from_json(out)

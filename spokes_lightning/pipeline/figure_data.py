@@ -166,6 +166,50 @@ def calibration_studies(ctx, pool) -> dict:
     return out
 
 
+#: where a run keeps its last calibration studies, with the key they were computed under
+CALIBRATION_RECORD = ("calibration", "studies.json")
+
+
+def calibration_key(ctx, pool) -> str:
+    """What :func:`calibration_studies` derives from: the settings, the proxy and corpus stage keys,
+    the sampled documents' ids and (for Fig. 5 from stored features) their feature rows."""
+    import hashlib
+
+    from spokes_lightning.pipeline.stage import to_plain
+    from spokes_lightning.utils.settings_hash import settings_hash
+
+    cfg = ctx.cfg
+    t1, f5 = cfg.report.get("table1"), cfg.report.get("fig5")
+    count = max([int(s.documents) for s in (t1, f5) if s is not None and s.enabled] or [0])
+    rows = np.sort(calibration_draw(pool.n, count, int(cfg.seed)))
+    digest = hashlib.sha256(np.ascontiguousarray(pool.inputs.features[rows]).tobytes()).hexdigest()
+    return settings_hash({"report": {"table1": to_plain(t1), "fig5": to_plain(f5)},
+                          "gradients": to_plain(cfg.features.gradients), "seed": int(cfg.seed),
+                          "proxy": proxy_model_ref(ctx) is not None and ctx.keys.get("proxy"),
+                          "corpus": ctx.keys.get("corpus"), "ids": [str(pool.ids[i]) for i in rows],
+                          "feature_rows": digest})
+
+
+def cached_calibration_studies(ctx, pool) -> dict:
+    """:func:`calibration_studies`, or the run's record of them when it was made under the same
+    :func:`calibration_key` (a report made again for other methods does not load the proxy again)."""
+    import json
+
+    from spokes_lightning.utils.atomic import json_round_trip, write_json_atomic
+
+    key = calibration_key(ctx, pool)
+    record = ctx.run_dir.joinpath(*CALIBRATION_RECORD)
+    try:
+        old = json.loads(record.read_text())
+        if old["key"] == key:
+            return old["studies"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    studies = json_round_trip(calibration_studies(ctx, pool))
+    write_json_atomic(record, {"key": key, "studies": studies})
+    return studies
+
+
 def _table1(proxy, settings, include_head: bool, seed: int) -> dict:
     method = str(settings.get("method") or "exact")
     if method == "exact":

@@ -322,7 +322,7 @@ class ReportStage(Stage):
                                                                np.asarray(spokes_rows), params, seed)
             plots.representation_bars(fig_dir / "fig4_representations.png", summary["representations"])
             out["fig4"] = "figures/fig4_representations.png"
-        from spokes_lightning.pipeline.figure_data import calibration_studies, paper_figures
+        from spokes_lightning.pipeline.figure_data import cached_calibration_studies, paper_figures
 
         if select.alpha_sweep:
             sweep = json.loads((ctx.run_dir / select.alpha_sweep).read_text())
@@ -330,7 +330,7 @@ class ReportStage(Stage):
             plots.alpha_overlaps(fig_dir / "fig2_overlaps.png", sweep["rows"], select.alpha,
                                  paper_figures()["fig2"]["rows"])
             out.update(fig1="figures/fig1_alpha_tradeoff.png", fig2="figures/fig2_overlaps.png")
-        summary.update(calibration_studies(ctx, pool))  # paper Table 1 and Fig. 5 on this run's proxy and pool
+        summary.update(cached_calibration_studies(ctx, pool))  # paper Table 1 and Fig. 5 on this run's proxy and pool
         if summary["fig5"].get("rows"):
             plots.jl_overlap(fig_dir / "fig5_jl_overlap.png", summary["fig5"]["rows"], summary["fig5"]["k_ref"],
                              paper_figures()["fig5"])

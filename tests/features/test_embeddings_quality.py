@@ -12,8 +12,9 @@ from spokes_lightning.data.corpus import Document, load_quality_labels
 from spokes_lightning.utils.errors import UserError
 from spokes_lightning.features.embeddings import EmbeddingModule, embed_texts
 from spokes_lightning.features.extract import extract_features
+from spokes_lightning.features.quality_modules import ClassifierQualityModule, EmbeddingQualityModule
 from spokes_lightning.features.quality import (
-    MIN_PROBABILITY, ClassifierQualityModule, EmbeddingQualityModule, load_quality_classifier,
+    MIN_PROBABILITY, load_quality_classifier,
     quality_from_column, train_quality_classifier,
 )
 

@@ -129,7 +129,8 @@ def test_changed_selection_reruns_only_downstream(demo_run, tmp_path):
 #: the online comparison (issue 14) at test size, on the tiny run's cached stages
 ONLINE = ["online=demo", "selection.budget=0.5", "selection.budget_unit=documents", "online.every_n_steps=4",
           "online.window=12", "online.sketch.k=32", "online.sketch.max_length=32", "online.sketch.batch_size=8",
-          "online.score.k=64", "online.score.max_length=64"]
+          "online.score.k=64", "online.score.max_length=64",
+          "wandb.enabled=false"]  # the tiny run logs to wandb (test_report_and_figures); re-runs need not
 
 
 def test_online_comparison_stage(demo_run):
@@ -181,7 +182,7 @@ def test_table2_from_checkpoints_trained_elsewhere(demo_run):
     before = json.loads((run_dir / "summary.json").read_text())["methods"]
     ckpt = {m: run_dir / "pretrain" / m / "seed_0" / "megatron" for m in ("random", "spokes")}
     assert all((c / "latest_checkpointed_iteration.txt").exists() for c in ckpt.values())
-    r = launch(run_dir, "selection.methods=[random,spokes]",
+    r = launch(run_dir, "selection.methods=[random,spokes]", "wandb.enabled=false",
                "evaluate.checkpoints={" + ",".join(f"{m}:'{c}'" for m, c in ckpt.items()) + "}")
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
@@ -195,7 +196,7 @@ def test_table2_from_checkpoints_trained_elsewhere(demo_run):
 
 def test_several_pretraining_seeds_give_intervals(demo_run):
     run_dir, _, _ = demo_run
-    r = launch(run_dir, "selection.methods=[random,spokes]", "pretrain.seeds=[0,1]")
+    r = launch(run_dir, "selection.methods=[random,spokes]", "pretrain.seeds=[0,1]", "wandb.enabled=false")
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run_dir / "summary.json").read_text())
     assert all(v["n_seeds"] == 2 for v in s["table2"]["methods"].values())

@@ -20,6 +20,7 @@ from tiny_proxy import build_tiny_proxy, tiny_documents  # noqa: E402
 from spokes_lightning.pipeline.outputs import FeaturesOutput, ProxyOutput  # noqa: E402
 from spokes_lightning.pipeline.stage import RunContext  # noqa: E402
 from spokes_lightning.pipeline import data_stages, plots  # noqa: E402
+from spokes_lightning.pipeline import figure_data  # noqa: E402
 from spokes_lightning.pipeline.figure_data import calibration_draw, calibration_studies, paper_figures  # noqa: E402
 from spokes_lightning.pipeline.report_stage import (alpha_overlap_markdown, fig5_markdown,  # noqa: E402
                                                     gvendi_vs_k_markdown, table1_markdown)
@@ -107,6 +108,31 @@ def test_table1_and_fig5_on_the_proxy(run, tmp_path):
     for path in (a, b):
         plots.jl_overlap(path, f5["rows"], f5["k_ref"], paper["fig5"])
     assert a.read_bytes()[:4] == b"\x89PNG" and a.read_bytes() == b.read_bytes()
+
+
+def test_a_report_made_again_takes_the_studies_from_the_run(run, monkeypatch):
+    """The studies are recorded with their key; the same inputs read the record back without the
+    proxy, while another setting, other stored rows or another proxy compute them again."""
+    make_ctx, pool = run
+    ctx = make_ctx(config(fig5={"enabled": False}))
+    ctx.keys.update(proxy="p1", corpus="c1")
+    first = figure_data.cached_calibration_studies(ctx, pool)
+    assert first == json.loads(json.dumps(calibration_studies(ctx, pool)))
+    calls = []
+    real = figure_data.calibration_studies
+    monkeypatch.setattr(figure_data, "calibration_studies", lambda *a: calls.append(1) or real(*a))
+    assert figure_data.cached_calibration_studies(ctx, pool) == first and not calls
+    other_proxy = make_ctx(config(fig5={"enabled": False}))
+    other_proxy.keys.update(proxy="p2", corpus="c1")
+    other_rows = SimpleNamespace(n=pool.n, ids=pool.ids, inputs=SimpleNamespace(features=pool.inputs.features * 2))
+    for again, rows in ((make_ctx(config(table1={"max_layers": 2}, fig5={"enabled": False})), pool),
+                        (other_proxy, pool), (ctx, other_rows)):
+        again.keys.setdefault("proxy", "p1")
+        again.keys.setdefault("corpus", "c1")
+        figure_data.cached_calibration_studies(ctx, pool)  # the record holds ctx's key again
+        before = len(calls)
+        figure_data.cached_calibration_studies(again, rows)
+        assert len(calls) == before + 1
 
 
 def test_imported_gradients_skip_table1_and_use_the_stored_rows(run):

@@ -175,9 +175,10 @@ def test_column_quality_survives_a_resume(finished, corpus, tmp_path):
     """A features stage run in a new process (as after a kill) reads the quality column from the pool file."""
     run_dir = copy_of(finished, tmp_path)
     (run_dir / "stages/features.json").unlink()
+    shutil.rmtree(run_dir / "features" / "families")  # no family record: each family runs (its chunks resume)
     r = launch(run_dir, corpus, "stages=[features]")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "features: running" in r.stderr
+    assert "features: running" in r.stderr and "cached (same settings" not in r.stderr
     for name in ("quality.npy", "quality_ids.npy", "gradients/features.npy", "embeddings/features.npy"):
         assert (run_dir / "features" / name).read_bytes() == (finished / "features" / name).read_bytes()
     assert json.loads((run_dir / "stages/features.json").read_text())["key"] == \
@@ -345,6 +346,28 @@ def test_source_mix_shows_the_top_sources_and_other(finished):
 
 
 # ----------------------------------------------------------------------------- a selector in one file
+
+
+def test_a_family_added_to_a_run_is_computed_alone(finished, corpus, tmp_path):
+    """A rerun whose methods need one more feature family (QuaDMix: the quality heuristics) computes
+    that family only: the others come from their records without loading a model; dropping it again
+    takes every family from the records, and a damaged store is computed again."""
+    run_dir = copy_of(finished, tmp_path)
+    stores = {name: (run_dir / "features" / name / "features.npy").read_bytes() for name in ("gradients", "embeddings")}
+    added = launch(run_dir, corpus, "selection.methods=[random,quality,quadmix]", "stages=[corpus,tokenizer,proxy,features]")
+    assert added.returncode == 0, added.stderr[-3000:]
+    for family in ("gradients", "embeddings", "quality_column"):
+        assert f"features: {family}: cached (same settings and inputs)" in added.stderr
+    assert "features: quality_heuristics: cached" not in added.stderr
+    assert (run_dir / "features" / "quality_heuristics" / "ids.npy").exists()
+    assert {n: (run_dir / "features" / n / "features.npy").read_bytes() for n in stores} == stores
+    (run_dir / "features" / "embeddings" / "features.npy").write_bytes(b"damaged")
+    dropped = launch(run_dir, corpus, "stages=[corpus,tokenizer,proxy,features]")
+    assert dropped.returncode == 0, dropped.stderr[-3000:]
+    assert "features: gradients: cached" in dropped.stderr and "features: embeddings: cached" not in dropped.stderr
+    assert (run_dir / "features" / "embeddings" / "features.npy").read_bytes() == stores["embeddings"]
+    assert json.loads((run_dir / "stages/features.json").read_text())["key"] == \
+        json.loads((finished / "stages/features.json").read_text())["key"]
 
 
 def test_plugin_selector_runs_through_the_pipeline(finished, corpus, tmp_path):

@@ -54,15 +54,16 @@ class Embeddings(FeatureFamily):
         return EmbeddingModule(ctx.cfg.embeddings.model, max_length=int(ctx.cfg.embeddings.get("max_length", 256)))
 
     def run(self, ctx) -> dict:
-        from spokes_lightning.pipeline.data_stages import pool_documents
-        from spokes_lightning.pipeline.stage import log
-        from spokes_lightning.features.extract import extract_features
         from spokes_lightning.pipeline.import_store import configured_store, use_configured_store
 
         imported = configured_store(ctx.cfg.embeddings)
-        if imported is not None:
+        if imported is not None:  # nothing to compute: no model, no Lightning
             path = use_configured_store(ctx, imported, SETTING, "embeddings")
             return {"embeddings": path, "embeddings_imported_from": path}
+        from spokes_lightning.features.extract import extract_features
+        from spokes_lightning.pipeline.data_stages import pool_documents
+        from spokes_lightning.pipeline.stage import log
+
         emb = extract_features(self.module(ctx), pool_documents(ctx), store_for_inputs(ctx, "embeddings", self.cache_key(ctx)),
                                **extract_kwargs(ctx.cfg))
         log(f"features: embeddings {emb.matrix.shape}")

@@ -110,6 +110,7 @@ class QuadReference(FeatureFamily):
     name = "quad_reference"
     computes = "Quad's K-FAC-preconditioned reference gradient, sketched like the gradient features"
     order = 150
+    reads = ("gradients",)  # the gradient family's proxy and sketch
 
     def settings(self, cfg) -> dict:
         groups = reference_settings(cfg)

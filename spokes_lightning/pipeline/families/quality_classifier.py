@@ -17,7 +17,7 @@ class HFClassifierQuality(QualitySource):
         return corpus_inputs(ctx, model=str(ctx.cfg.quality.model))
 
     def module(self, ctx):
-        from spokes_lightning.features.quality import ClassifierQualityModule
+        from spokes_lightning.features.quality_modules import ClassifierQualityModule
 
         return ClassifierQualityModule(ctx.cfg.quality.model)
 

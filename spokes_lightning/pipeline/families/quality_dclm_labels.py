@@ -20,6 +20,7 @@ class DclmLabelQuality(QualitySource):
     source = "dclm_labels"
     computes = "quality = P(high quality) of a classifier trained on the DCLM human labels over embeddings"
     order = 320
+    reads = ("embeddings",)  # it scores the embeddings store
 
     def settings(self, cfg) -> dict:
         return {"quality": cfg.quality, "embeddings": drop_null_store(cfg.embeddings), "seed": cfg.seed}
