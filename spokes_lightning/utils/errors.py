@@ -6,6 +6,7 @@ with code 2 (no traceback, nothing half-written). Library callers get a normal e
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 
@@ -20,7 +21,21 @@ def fail(message: str) -> "None":
     """Print ``message`` as one line on stderr and exit with code 2."""
     line = " ".join(str(message).split())
     print(f"error: {line}", file=sys.stderr, flush=True)
+    if _in_a_process_group():
+        # leave at once: tearing the process group down after the other ranks have gone can abort
+        # (gloo), and the launcher would then report a signal instead of this exit code
+        sys.stdout.flush()
+        os._exit(EXIT_BAD_INPUT)
     raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _in_a_process_group() -> bool:
+    """True inside an initialized torch.distributed group of several ranks (torch is not imported here)."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    except Exception:  # a half-initialized group: not ours to judge
+        return False
 
 
 @contextmanager
