@@ -20,7 +20,9 @@ memory. Tokenization is sharded (:mod:`spokes_lightning.megatron.shards`): fixed
 ``shard_docs`` selected documents, tokenized by ``workers`` spawned processes or by the ranks of a
 ``torch.distributed`` group, then concatenated in order. The ``.bin/.idx`` bytes are those
 megatron-core's ``IndexedDatasetBuilder`` writes when fed the documents one by one in a single
-process, whatever ``workers``, ``shard_docs``, ``block_size`` or the number of ranks.
+process, whatever ``workers``, ``shard_docs``, ``block_size`` or the number of ranks; they are
+written without megatron-core (:mod:`spokes_lightning.megatron.index_format`), which only training
+and reading need.
 
 Parquet: written with one ``ParquetWriter.write_table`` per row group of exactly
 ``parquet_row_group`` rows (the last one shorter). With the default (65,536 rows) a selection of at
@@ -50,6 +52,7 @@ import numpy as np
 
 from spokes_lightning.utils.atomic import atomic_path, write_json_atomic, write_text_atomic
 from spokes_lightning.utils.errors import UserError, require_package
+from spokes_lightning.megatron.index_format import optimal_token_dtype
 from spokes_lightning.megatron.launch_script import LLAMA_3_2_1B, LlamaShape, megatron_llama_args, render_launch_script
 from spokes_lightning.megatron.shards import (
     BLOCK_SIZE,
@@ -222,14 +225,6 @@ def write_text_exports(documents, positions: np.ndarray, copies: np.ndarray | No
 # ----------------------------------------------------------------------------- Megatron data
 
 
-def token_dtype_for(vocab_size: int):
-    """uint16 when every id fits (< 65500), else int32: Megatron's ``DType.optimal_dtype``."""
-    require_package("megatron.core", "megatron-core")
-    from megatron.core.datasets.indexed_dataset import DType
-
-    return DType.optimal_dtype(vocab_size)
-
-
 def save_tokenizer(tokenizer, target: Path) -> Path:
     """``save_pretrained`` into ``target`` through a temp directory (atomic replace)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +324,7 @@ def export_selection(
     run_dir = Path(run_dir).resolve()
     vocab_size = len(tokenizer)
     eod = _resolve_eod(tokenizer, eod_id, vocab_size)
-    dtype = token_dtype_for(vocab_size)
+    dtype = optimal_token_dtype(vocab_size)
 
     export_dir, megatron_dir = run_dir / "export", run_dir / "megatron"
     jsonl_path = export_dir / f"{method}.jsonl.gz"

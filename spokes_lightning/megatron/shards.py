@@ -2,9 +2,9 @@
 
 The selected positions are cut into fixed contiguous shards of ``shard_docs`` documents
 (:func:`shard_ranges`: a pure function of the selection, independent of the number of workers or
-ranks). Shard ``s`` is tokenized into ``<shard_dir>/<name>.shard{s:05d}.bin/.idx`` with
-megatron-core's ``IndexedDatasetBuilder`` (exactly as a single-process export writes those
-documents), by a spawned process pool (:func:`run_shard_jobs`) or, under ``torch.distributed``, by
+ranks). Shard ``s`` is tokenized into ``<shard_dir>/<name>.shard{s:05d}.bin/.idx``
+(:class:`~spokes_lightning.megatron.index_format.IndexedDatasetWriter`: the bytes of megatron-core's
+``IndexedDatasetBuilder``, as a single-process export writes those documents), by a spawned process pool (:func:`run_shard_jobs`) or, under ``torch.distributed``, by
 rank ``s % world`` (:func:`shards_for_rank`). :class:`ShardMerger` then concatenates the shards in
 order into one ``.bin/.idx``.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
@@ -30,7 +29,14 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from spokes_lightning.utils.errors import UserError, require_package
+from spokes_lightning.megatron.index_format import (
+    COUNTS,
+    HEADER_BYTES,
+    IndexedDatasetWriter,
+    read_index_header,
+    sequence_offsets,
+)
+from spokes_lightning.utils.errors import UserError
 from spokes_lightning.utils.progress import progress
 
 TOKENIZE_BATCH = 256  # texts per tokenizer call
@@ -38,8 +44,6 @@ SHARD_DOCS = 50_000  # selected documents per shard (before copies)
 BLOCK_SIZE = 32768  # documents read from the store at a time (a scattered selection decodes each batch once a block)
 MERGE_CHUNK = 1 << 20  # index entries read/written at a time when merging
 COPY_BUFFER = 8 << 20  # bytes per read when appending a shard's .bin
-_HEAD = 18  # index magic (9 bytes) + version (<Q) + dtype code (<B)
-_COUNTS = struct.Struct("<QQ")  # sequence count, document count (the leading 0 included)
 
 
 # ----------------------------------------------------------------------------- reading documents
@@ -128,13 +132,10 @@ def tokenize_shard(documents, job: ShardJob, tokenizer, *, eod_id: int, dtype,
 
     Files appear under their names only when complete. Returns docs, tokens and seconds.
     """
-    require_package("megatron.core", "megatron-core")
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     t0 = time.perf_counter()
     part = job.prefix + ".part"
     n_docs = n_tokens = 0
-    builder = IndexedDatasetBuilder(part + ".bin", dtype=dtype)
+    writer = IndexedDatasetWriter(part + ".bin", dtype)
     try:
         for start, docs in iter_blocks(documents, job.positions, block_size):
             texts = [document_text(doc, int(job.positions[start + k])) for k, doc in enumerate(docs)]
@@ -146,14 +147,14 @@ def tokenize_shard(documents, job: ShardJob, tokenizer, *, eod_id: int, dtype,
                     arr[-1] = eod_id
                     times = 1 if job.copies is None else int(job.copies[start + b + k])
                     for _ in range(times):
-                        builder.add_document(arr, [arr.size])
+                        writer.add_document(arr)
                     n_docs += times
                     n_tokens += times * arr.size
-        builder.finalize(part + ".idx")
+        writer.finish(part + ".idx")
         os.replace(part + ".bin", job.prefix + ".bin")
         os.replace(part + ".idx", job.prefix + ".idx")  # the index last: it marks the shard done
     except BaseException:
-        builder.data_file.close()
+        writer.close()
         for suffix in (".bin", ".idx"):
             Path(part + suffix).unlink(missing_ok=True)
         raise
@@ -224,18 +225,6 @@ def run_shard_jobs(documents, jobs: list[ShardJob], tokenizer, *, eod_id: int, d
 # ----------------------------------------------------------------------------- merging shards
 
 
-def _read_header(idx_path: str) -> tuple[bytes, int, int, int]:
-    """(magic+version+dtype bytes, sequence count, document count, token itemsize)."""
-    from megatron.core.datasets.indexed_dataset import DType
-
-    with open(idx_path, "rb") as fh:
-        head = fh.read(_HEAD + _COUNTS.size)
-    if len(head) < _HEAD + _COUNTS.size or not head.startswith(b"MMIDIDX"):
-        raise UserError(f"{idx_path} is not a Megatron index file")
-    n_seq, n_doc = _COUNTS.unpack(head[_HEAD:])
-    return head[:_HEAD], n_seq, n_doc, DType.size(int(head[_HEAD - 1]))
-
-
 def _chunks(path: str, offset: int, dtype, count: int) -> Iterator[np.ndarray]:
     """``count`` values of ``dtype`` from byte ``offset`` of ``path``, MERGE_CHUNK at a time."""
     item = np.dtype(dtype).itemsize
@@ -277,6 +266,7 @@ class ShardMerger:
         self.delete_shards = delete_shards
         self.parts: list[_Part] = []
         self.head: bytes | None = None
+        self.itemsize = 0
         self.n_tokens = 0
         self.seconds = 0.0
 
@@ -293,12 +283,12 @@ class ShardMerger:
         idx, bin_ = shard_prefix + ".idx", shard_prefix + ".bin"
         if not (os.path.exists(idx) and os.path.exists(bin_)):
             raise UserError(f"shard {shard_prefix} is missing (did every rank finish?)")
-        head, n_seq, n_doc, item = _read_header(idx)
+        head, n_seq, n_doc, item = read_index_header(idx)
         if self.head is None:
-            self.head = head
+            self.head, self.itemsize = head, item
         elif head != self.head:
             raise UserError(f"shard {shard_prefix} has another token dtype than the first shard")
-        tokens = sum(int(c.sum(dtype=np.int64)) for c in _chunks(idx, _HEAD + 16, np.int32, n_seq))
+        tokens = sum(int(c.sum(dtype=np.int64)) for c in _chunks(idx, HEADER_BYTES + COUNTS.size, np.int32, n_seq))
         if os.path.getsize(bin_) != tokens * item:
             raise UserError(f"shard {shard_prefix}.bin does not match its index")
         with open(bin_, "rb") as src:
@@ -314,25 +304,22 @@ class ShardMerger:
         return sum(p.n_doc - 1 for p in self.parts)
 
     def _write_index(self, out) -> None:
-        from megatron.core.datasets.indexed_dataset import DType
-
-        item = np.int64(DType.size(int(self.head[_HEAD - 1])))
         n_seq = sum(p.n_seq for p in self.parts)
-        out.write(self.head + _COUNTS.pack(n_seq, self.n_docs + 1))
-        lengths = lambda p: _chunks(p.idx, _HEAD + 16, np.int32, p.n_seq)  # noqa: E731
+        out.write(self.head + COUNTS.pack(n_seq, self.n_docs + 1))
+        lengths = lambda p: _chunks(p.idx, HEADER_BYTES + COUNTS.size, np.int32, p.n_seq)  # noqa: E731
         for p in self.parts:  # tokens per sequence
             for c in lengths(p):
                 out.write(c.tobytes())
-        base = np.int64(0)
+        base = 0
         for p in self.parts:  # byte offset of each sequence in the merged .bin
             for c in lengths(p):
-                ends = np.cumsum(c, dtype=np.int64) * item
-                out.write((base + ends - c.astype(np.int64) * item).tobytes())
-                base = base + ends[-1]
+                offsets = sequence_offsets(c, self.itemsize, base)
+                out.write(offsets.tobytes())
+                base = int(offsets[-1]) + int(c[-1]) * self.itemsize
         out.write(np.zeros(1, dtype=np.int64).tobytes())  # document boundaries, as sequence indices
         seq_offset = 0
         for p in self.parts:
-            doc_off = _HEAD + 16 + p.n_seq * (4 + 8)
+            doc_off = HEADER_BYTES + COUNTS.size + p.n_seq * (4 + 8)
             first = True
             for c in _chunks(p.idx, doc_off, np.int64, p.n_doc):
                 c = c[1:] if first else c  # each shard's leading 0 is the previous shard's end

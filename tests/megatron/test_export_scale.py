@@ -105,6 +105,35 @@ def test_merge_is_byte_identical_to_megatron_add_index(tmp_path, monkeypatch, dt
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["merged.bin", "merged.idx"]
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+@pytest.mark.parametrize("n_docs", [0, 1, 37])
+def test_shard_writer_is_byte_identical_to_megatron_builder(tmp_path, dtype, n_docs):
+    """The export writes shards without megatron-core: the bytes are its builder's, and it reads them."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
+
+    from spokes_lightning.megatron.index_format import IndexedDatasetWriter, optimal_token_dtype, read_index_header
+
+    rng = np.random.default_rng(n_docs)
+    docs = [rng.integers(0, 60000, size=rng.integers(1, 40)) for _ in range(n_docs)]
+    ref, ours = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=dtype), IndexedDatasetWriter(tmp_path / "o.bin", dtype)
+    for toks in docs:
+        ref.add_document(np.asarray(toks, dtype=dtype), [toks.size])
+        ours.add_document(toks)
+    ref.finalize(str(tmp_path / "ref.idx"))
+    ours.finish(tmp_path / "o.idx")
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"o{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
+    if n_docs:  # (megatron-core cannot mmap an empty .bin)
+        ds = IndexedDataset(str(tmp_path / "o"))
+        assert len(ds) == n_docs and all(np.array_equal(ds[i], docs[i]) for i in range(n_docs))
+    assert read_index_header(tmp_path / "o.idx")[1:] == (n_docs, n_docs + 1, np.dtype(dtype).itemsize)
+    for vocab in (600, 65499, 65500, 128256):
+        assert optimal_token_dtype(vocab) is DType.optimal_dtype(vocab)
+    (tmp_path / "bad.idx").write_bytes((tmp_path / "o.idx").read_bytes()[:17] + b"\x63")  # an unknown dtype code
+    with pytest.raises(UserError, match="not a Megatron index"):
+        read_index_header(tmp_path / "bad.idx")
+
+
 def test_merge_memory_does_not_grow_with_the_shards(tmp_path, monkeypatch):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -251,13 +280,13 @@ def _fill_then_fail(src, dst, length=0):
 def test_disk_full_leaves_no_final_file(case, tokenizer, tmp_path, monkeypatch, capsys, where):
     import gzip
 
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from spokes_lightning.megatron.index_format import IndexedDatasetWriter
 
     corpus, selection, copies = case
     if where == "text":
         monkeypatch.setattr(gzip.GzipFile, "write", _enospc)
     elif where == "shard":
-        monkeypatch.setattr(IndexedDatasetBuilder, "finalize", _enospc)
+        monkeypatch.setattr(IndexedDatasetWriter, "finish", _enospc)
     elif where == "merge":
         monkeypatch.setattr(megatron_shards.shutil, "copyfileobj", _fill_then_fail)
     else:
