@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from spokes_lightning.utils.errors import UserError, require_package
 
 
@@ -26,12 +24,11 @@ def require_megatron_prefix(prefix: str | os.PathLike) -> str:
 
 
 def indexed_dataset_stats(prefix: str | os.PathLike) -> tuple[int, int]:
-    """``(n_documents, n_tokens)`` of an indexed dataset (tokens include the EOD tokens)."""
-    require_package("megatron.core", "megatron-core")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    """``(n_documents, n_tokens)`` of an indexed dataset (tokens include the EOD tokens), from its
+    index alone, without megatron-core: a pipeline whose models are all trained does not load it."""
+    from spokes_lightning.megatron.index_format import index_counts
 
-    ds = IndexedDataset(require_megatron_prefix(prefix))
-    return len(ds), int(np.asarray(ds.sequence_lengths, dtype=np.int64).sum())
+    return index_counts(require_megatron_prefix(prefix) + ".idx")
 
 
 def megatron_tokenizer(tokenizer_dir: str | os.PathLike):

@@ -58,6 +58,21 @@ def read_index_header(idx_path: str | os.PathLike) -> tuple[bytes, int, int, int
     return head[:HEADER_BYTES], n_seq, n_doc, _DTYPE_OF_CODE[head[HEADER_BYTES - 1]].itemsize
 
 
+def index_counts(idx_path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[int, int]:
+    """``(sequences, tokens)`` of an ``.idx`` file: what ``len(IndexedDataset)`` and the sum of its
+    ``sequence_lengths`` give (EOD tokens included), read ``chunk`` lengths at a time."""
+    _, n_seq, _, _ = read_index_header(idx_path)
+    tokens = 0
+    with open(idx_path, "rb") as fh:
+        fh.seek(HEADER_BYTES + COUNTS.size)
+        for start in range(0, n_seq, chunk):
+            lengths = np.fromfile(fh, dtype=np.int32, count=min(chunk, n_seq - start))
+            if lengths.size != min(chunk, n_seq - start):
+                raise UserError(f"{idx_path} is truncated")
+            tokens += int(lengths.sum(dtype=np.int64))
+    return n_seq, tokens
+
+
 def sequence_offsets(lengths: np.ndarray, itemsize: int, start: int = 0) -> np.ndarray:
     """Byte offset of each sequence in the ``.bin``: ``start`` plus the bytes of those before it."""
     ends = np.cumsum(lengths, dtype=np.int64) * np.int64(itemsize)

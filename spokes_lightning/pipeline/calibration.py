@@ -1,11 +1,12 @@
 """Calibration studies of the SPOKES feature pipeline (paper section 4.1, 4.2, appendix A).
 
 One command each, writing ``<name>.md``, ``<name>.csv``, ``<name>.json`` and ``<name>.png``
-into ``--run-dir``::
+into ``--run-dir``, or ``all`` for the three on one loaded model and one read of the documents::
 
     python -m spokes_lightning.pipeline.calibration layers --model DIR --documents web.jsonl.gz --run-dir RUN
     python -m spokes_lightning.pipeline.calibration k ...
     python -m spokes_lightning.pipeline.calibration projection ...
+    python -m spokes_lightning.pipeline.calibration all ...
 
 * ``layers`` (Table 1): cosine kernels of gradients of the last n decoder blocks (+ head) vs the
   gradient of all blocks (+ head), compared by average row-wise Spearman correlation with the
@@ -38,6 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from spokes_lightning.pipeline.calibration_outputs import plot_k, plot_layers, plot_projection, write_outputs
+from spokes_lightning.utils.arguments import OneLineParser, fraction, positive_int
 from spokes_lightning.utils.errors import UserError, user_errors_exit
 from spokes_lightning.utils.progress import progress
 from spokes_lightning.core.overlap import subset_overlap_pct
@@ -315,41 +317,13 @@ def projection_study(ctx: ProxyContext, k: int, n_layers: int, fraction: float, 
 # --------------------------------------------------------------------------- CLI
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {value}")
-    return value
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr with exit code 2."""
-
-    def error(self, message: str):
-        from spokes_lightning.utils.errors import fail
-
-        fail(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m spokes_lightning.pipeline.calibration", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="study", required=True, parser_class=OneLineParser)
     for name, help_text in [("layers", "Table 1: last-n-layer vs full-gradient kernels"),
                             ("k", "appendix A: SPOKES subset overlap across JL dimensions k"),
-                            ("projection", "dense vs Kronecker sketch subset overlap")]:
+                            ("projection", "dense vs Kronecker sketch subset overlap"),
+                            ("all", "the three studies, on one loaded model and one read of the documents")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", required=True, help="proxy model directory (or reachable hub id)")
         p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
@@ -359,21 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-docs", type=positive_int, default=100 if name == "layers" else 200)
         p.add_argument("--max-length", type=positive_int, default=256)
         p.add_argument("--seed", type=int, default=0)
-        if name == "layers":
+        if name in ("layers", "all"):
             p.add_argument("--max-layers", type=positive_int, default=4)
+        if name == "layers":
             p.add_argument("--method", choices=("exact", "dense"), default="exact")
             p.add_argument("--k", type=positive_int, default=8192, help="dense projection dim (--method dense)")
             p.add_argument("--exclude-head", action="store_true",
                            help="compare decoder blocks only (default: blocks + output head, as extracted)")
         else:
             p.add_argument("--n-layers", type=positive_int, default=2)
-        if name == "k":
+        if name in ("k", "all"):
             p.add_argument("--k-values", type=positive_int, nargs="+", default=list(DEFAULT_K_VALUES))
             p.add_argument("--k-ref", type=positive_int, default=8192)
             p.add_argument("--fractions", type=fraction, nargs="+", default=list(DEFAULT_FRACTIONS))
             p.add_argument("--projection", choices=("kronecker", "dense"), default="kronecker")
-        if name == "projection":
-            p.add_argument("--k", type=positive_int, default=1024)
+        if name in ("projection", "all"):
+            p.add_argument("--k", type=positive_int, default=1024,
+                           help="sketch dimension of the projection study" + (" (the other studies: k-values, k-ref)"
+                                                                              if name == "all" else ""))
             p.add_argument("--fraction", type=fraction, default=0.5)
     return parser
 
@@ -383,16 +360,38 @@ def _check_layers(ctx: ProxyContext, n: int, flag: str) -> None:
         raise UserError(f"{flag}={n} but the model has {ctx.n_model_layers} decoder layers")
 
 
-def run_study(args: argparse.Namespace) -> dict[str, Path]:
-    """Run one study from parsed arguments and write its outputs; returns the written paths."""
+#: what ``all`` runs, with the settings that ``all`` does not take (each study's default)
+ALL_STUDIES = {"layers": {"method": "exact", "k": 8192, "exclude_head": False}, "k": {}, "projection": {}}
+
+
+def run_studies(args: argparse.Namespace) -> dict[str, dict[str, Path]]:
+    """Run one study (or ``all``) from parsed arguments and write the outputs: ``{study: paths}``."""
     for name in ("model", "tokenizer"):
         ref = getattr(args, name)
         if ref is not None and not Path(ref).expanduser().is_dir() and Path(ref).expanduser().exists():
             raise UserError(f"--{name} {ref} is a file, expected a directory")
-    if args.study == "k" and max(args.k_values) > args.k_ref:
+    if args.study in ("k", "all") and max(args.k_values) > args.k_ref:
         raise UserError(f"--k-values must not exceed --k-ref ({args.k_ref})")
     ctx = ProxyContext(args.model, args.tokenizer, args.documents, args.n_docs, args.text_field,
                        args.max_length)
+    if args.study != "all":
+        return {args.study: _run_one(args, ctx)}
+    _check_layers(ctx, args.max_layers, "--max-layers")  # both checked before the first study runs
+    _check_layers(ctx, args.n_layers, "--n-layers")
+    options = {study: {a.dest for a in parser._actions} for study, parser in _study_parsers().items()}
+    out = {}
+    for study, fixed in ALL_STUDIES.items():
+        one = {k: v for k, v in {**vars(args), **fixed}.items() if k in options[study]}
+        out[study] = _run_one(argparse.Namespace(**one, study=study), ctx)
+    return out
+
+
+def _study_parsers() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def _run_one(args: argparse.Namespace, ctx: ProxyContext) -> dict[str, Path]:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["n_docs_used"] = len(ctx.ids)
     if args.study == "layers":
@@ -428,10 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # stderr keeps our own bars and, on bad input, one line
     with user_errors_exit():
-        paths = run_study(args)
-    print(paths["md"].read_text())
-    for ext, path in paths.items():
-        print(f"{ext}: {path}", file=sys.stderr)
+        written = run_studies(args)
+    for paths in written.values():
+        print(paths["md"].read_text())
+        for ext, path in paths.items():
+            print(f"{ext}: {path}", file=sys.stderr)
     return 0
 
 

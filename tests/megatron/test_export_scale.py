@@ -111,7 +111,8 @@ def test_shard_writer_is_byte_identical_to_megatron_builder(tmp_path, dtype, n_d
     """The export writes shards without megatron-core: the bytes are its builder's, and it reads them."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
-    from spokes_lightning.megatron.index_format import IndexedDatasetWriter, optimal_token_dtype, read_index_header
+    from spokes_lightning.megatron.index_format import (IndexedDatasetWriter, index_counts, optimal_token_dtype,
+                                                        read_index_header)
 
     rng = np.random.default_rng(n_docs)
     docs = [rng.integers(0, 60000, size=rng.integers(1, 40)) for _ in range(n_docs)]
@@ -127,6 +128,11 @@ def test_shard_writer_is_byte_identical_to_megatron_builder(tmp_path, dtype, n_d
         ds = IndexedDataset(str(tmp_path / "o"))
         assert len(ds) == n_docs and all(np.array_equal(ds[i], docs[i]) for i in range(n_docs))
     assert read_index_header(tmp_path / "o.idx")[1:] == (n_docs, n_docs + 1, np.dtype(dtype).itemsize)
+    assert index_counts(tmp_path / "o.idx", chunk=5) == (n_docs, sum(d.size for d in docs))
+    if n_docs:
+        (tmp_path / "cut.idx").write_bytes((tmp_path / "o.idx").read_bytes()[:36])  # half a length
+        with pytest.raises(UserError, match="truncated"):
+            index_counts(tmp_path / "cut.idx")
     for vocab in (600, 65499, 65500, 128256):
         assert optimal_token_dtype(vocab) is DType.optimal_dtype(vocab)
     (tmp_path / "bad.idx").write_bytes((tmp_path / "o.idx").read_bytes()[:17] + b"\x63")  # an unknown dtype code

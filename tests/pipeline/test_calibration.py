@@ -88,6 +88,25 @@ def test_projection_table(tiny_model, tmp_path):
     assert (tmp_path / "projection.png").exists()
 
 
+def test_all_writes_what_each_study_writes_alone(tiny_model, tmp_path, capsys):
+    k_options = ["--k-values", "16", "64", "--k-ref", "64", "--fractions", "0.5"]
+    assert main(["all", *common(tiny_model, tmp_path / "all"), "--max-layers", "3", *k_options, "--k", "32"]) == 0
+    out = capsys.readouterr().out
+    assert all(title in out for title in ("Last-n-layer", "Subset overlap vs k", "Dense vs Kronecker"))
+    alone = tmp_path / "alone"
+    assert main(["layers", *common(tiny_model, alone), "--max-layers", "3"]) == 0
+    assert main(["k", *common(tiny_model, alone), *k_options]) == 0
+    assert main(["projection", *common(tiny_model, alone), "--k", "32"]) == 0
+    for study in ("layers", "k", "projection"):
+        ours, theirs = read_json(tmp_path / "all" / f"{study}.json"), read_json(alone / f"{study}.json")
+        assert ours["rows"] == theirs["rows"]
+        assert {**ours["settings"], "run_dir": None} == {**theirs["settings"], "run_dir": None}
+    with pytest.raises(SystemExit) as stop:  # a study that cannot run stops all of them before the first
+        main(["all", *common(tiny_model, tmp_path / "bad"), "--n-layers", "9", *k_options])
+    assert stop.value.code == 2 and "has 4 decoder layers" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--max-layers", "9"], "has 4 decoder layers"),
     (["--k", "0"], "positive integer"),

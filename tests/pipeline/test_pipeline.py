@@ -78,7 +78,9 @@ def test_report_and_figures(demo_run):
     assert 1 <= manifest["stats"]["steps_run"] <= manifest["stats"]["max_steps"]
     assert (run_dir / "megatron" / "pretrain_spokes.sh").exists()
     assert "Report:" in r.stdout
-    assert list((run_dir / "wandb").rglob("*.wandb")), "wandb offline runs missing"
+    runs = sorted((run_dir.parent / "pristine" / "wandb" / "wandb").glob("offline-run-*"))  # as first written
+    assert len(runs) == len(s["methods"]) + 1 and all(list(r.glob("*.wandb")) for r in runs)  # + the comparison
+    assert len([r for r in runs if (r / "files" / "requirements.txt").exists()]) == 1  # the package list, once
 
 
 def test_per_document_files_share_the_pools_ids(demo_run, tmp_path):
