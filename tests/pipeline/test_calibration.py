@@ -50,17 +50,29 @@ def test_rowwise_spearman_and_overlap_math():
     assert subset_overlap_pct([1, 2], [2, 3, 4, 5]) == 50.0  # in percent of the smaller subset
 
 
-def test_layers_table(tiny_model, tmp_path, capsys):
-    assert main(["layers", *common(tiny_model, tmp_path), "--max-layers", "4"]) == 0
+K_OPTIONS = ["--k-values", "16", "64", "256", "--k-ref", "256", "--fractions", "0.25", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_model, tmp_path_factory):
+    """The three studies, one command each, into one run directory."""
+    run_dir = tmp_path_factory.mktemp("alone")
+    assert main(["layers", *common(tiny_model, run_dir), "--max-layers", "4"]) == 0
+    assert main(["k", *common(tiny_model, run_dir), *K_OPTIONS]) == 0
+    assert main(["projection", *common(tiny_model, run_dir), "--k", "64"]) == 0
+    return run_dir
+
+
+def test_layers_table(tiny_model, alone, tmp_path):
     for ext in ("md", "csv", "json", "png"):
-        assert (tmp_path / f"layers.{ext}").stat().st_size > 0
-    rows = read_json(tmp_path / "layers.json")["rows"]
+        assert (alone / f"layers.{ext}").stat().st_size > 0
+    rows = read_json(alone / "layers.json")["rows"]
     rhos = [r["spearman_vs_full"] for r in rows]
     assert [r["last_n_layers"] for r in rows] == [1, 2, 3, 4]
     assert all(-1 <= r <= 1 for r in rhos)
     assert rhos[-1] == pytest.approx(1.0) and rhos[-1] == max(rhos)  # n = all layers is the full kernel
-    assert "| last_n_layers |" in capsys.readouterr().out
-    with open(tmp_path / "layers.csv") as fh:
+    assert "| last_n_layers |" in (alone / "layers.md").read_text()
+    with open(alone / "layers.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 4
     blocks_only = tmp_path / "blocks"
     assert main(["layers", *common(tiny_model, blocks_only), "--max-layers", "4", "--exclude-head"]) == 0
@@ -69,40 +81,31 @@ def test_layers_table(tiny_model, tmp_path, capsys):
     assert rows_blocks[0]["spearman_vs_full"] < rhos[0]  # without the shared head term, 1 block agrees less
 
 
-def test_k_overlap_table(tiny_model, tmp_path):
-    args = ["k", *common(tiny_model, tmp_path), "--k-values", "16", "64", "256", "--k-ref", "256",
-            "--fractions", "0.25", "0.5"]
-    assert main(args) == 0
-    rows = read_json(tmp_path / "k.json")["rows"]
+def test_k_overlap_table(alone):
+    rows = read_json(alone / "k.json")["rows"]
     assert len(rows) == 6 and all(0 <= r["overlap_pct"] <= 100 for r in rows)
-    assert (tmp_path / "k.png").exists() and (tmp_path / "k.md").exists()
+    assert (alone / "k.png").exists() and (alone / "k.md").exists()
     at_half = {r["k"]: r["overlap_pct"] for r in rows if r["fraction"] == 0.5}
     assert at_half[256] >= at_half[16]  # a larger sketch agrees at least as well with the reference
 
 
-def test_projection_table(tiny_model, tmp_path):
-    assert main(["projection", *common(tiny_model, tmp_path), "--k", "64"]) == 0
-    rows = read_json(tmp_path / "projection.json")["rows"]
+def test_projection_table(alone):
+    rows = read_json(alone / "projection.json")["rows"]
     assert [r["comparison"].split()[0] for r in rows] == ["dense", "dense"]
     assert all(0 <= r["overlap_pct"] <= 100 and -1 <= r["kernel_spearman"] <= 1 for r in rows)
-    assert (tmp_path / "projection.png").exists()
+    assert (alone / "projection.png").exists()
 
 
-def test_all_writes_what_each_study_writes_alone(tiny_model, tmp_path, capsys):
-    k_options = ["--k-values", "16", "64", "--k-ref", "64", "--fractions", "0.5"]
-    assert main(["all", *common(tiny_model, tmp_path / "all"), "--max-layers", "3", *k_options, "--k", "32"]) == 0
+def test_all_writes_what_each_study_writes_alone(tiny_model, alone, tmp_path, capsys):
+    assert main(["all", *common(tiny_model, tmp_path / "all"), "--max-layers", "4", *K_OPTIONS, "--k", "64"]) == 0
     out = capsys.readouterr().out
-    assert all(title in out for title in ("Last-n-layer", "Subset overlap vs k", "Dense vs Kronecker"))
-    alone = tmp_path / "alone"
-    assert main(["layers", *common(tiny_model, alone), "--max-layers", "3"]) == 0
-    assert main(["k", *common(tiny_model, alone), *k_options]) == 0
-    assert main(["projection", *common(tiny_model, alone), "--k", "32"]) == 0
+    assert all(title in out for title in ("| last_n_layers |", "Subset overlap vs k", "Dense vs Kronecker"))
     for study in ("layers", "k", "projection"):
         ours, theirs = read_json(tmp_path / "all" / f"{study}.json"), read_json(alone / f"{study}.json")
         assert ours["rows"] == theirs["rows"]
         assert {**ours["settings"], "run_dir": None} == {**theirs["settings"], "run_dir": None}
     with pytest.raises(SystemExit) as stop:  # a study that cannot run stops all of them before the first
-        main(["all", *common(tiny_model, tmp_path / "bad"), "--n-layers", "9", *k_options])
+        main(["all", *common(tiny_model, tmp_path / "bad"), "--n-layers", "9", *K_OPTIONS])
     assert stop.value.code == 2 and "has 4 decoder layers" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
