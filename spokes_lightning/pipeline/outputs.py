@@ -203,6 +203,7 @@ class ExportedMethod:
     jsonl: str
     parquet: str
     timings: dict[str, float] = field(default_factory=dict)
+    inputs: str = ""  # what it was exported from (ExportStage.method_inputs): equal means the same files
 
 
 @dataclass(frozen=True)

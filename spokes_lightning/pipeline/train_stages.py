@@ -1,6 +1,7 @@
 """Stages 5-7: export (the Megatron handoff), local pretraining, OLMES-style evaluation."""
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -13,7 +14,12 @@ from spokes_lightning.pipeline.preflight import document_limit
 from spokes_lightning.pipeline.outputs import (Contamination, EvaluateOutput, ExportedMethod, ExportOutput,
                                                PretrainedMethod, PretrainOutput, PretrainRun, SelectOutput,
                                                TokenizerOutput)
-from spokes_lightning.pipeline.stage import RunContext, Stage, log, to_plain
+from spokes_lightning.pipeline.stage import RunContext, Stage, log, read_marker, to_plain
+from spokes_lightning.utils.output_check import first_problem
+from spokes_lightning.utils.settings_hash import settings_hash
+
+#: part of every method's export key: raise it when the exported bytes change for the same inputs
+EXPORT_FORMAT = 1
 
 
 def _selected_rows(ctx: RunContext, method: str):
@@ -38,15 +44,42 @@ class ExportStage(Stage):
                 for path in (exp.megatron_prefix + ".bin", exp.megatron_prefix + ".idx", exp.script,
                              exp.jsonl, exp.parquet)]
 
+    def method_inputs(self, ctx, method: str, rows, copies) -> str:
+        """A key for everything one method's files are made from: its documents and copies in order,
+        the pool, the tokenizer, the export settings and where the run directory is (the launch
+        script names its paths)."""
+        digest = lambda a: hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()  # noqa: E731
+        return settings_hash({"method": method, "rows": digest(rows), "copies": digest(copies),
+                              "corpus": ctx.keys["corpus"], "tokenizer": ctx.keys["tokenizer"],
+                              "settings": to_plain(self.settings(ctx.cfg)), "run_dir": str(ctx.run_dir.resolve()),
+                              "format": EXPORT_FORMAT})
+
+    def kept(self, ctx, previous: dict | None, method: str, inputs: str) -> ExportedMethod | None:
+        """The last export of ``method`` when it was made from the same inputs and its files are intact."""
+        old = previous["outputs"].methods.get(method) if previous else None
+        if old is None or old.inputs != inputs:
+            return None
+        files = {rel: previous.get("files", {}).get(rel) for rel in self.handed_on(ExportOutput(methods={method: old}))}
+        if None in files.values() or not (ctx.run_dir / "megatron" / "tokenizer").is_dir():
+            return None
+        return old if first_problem(ctx.run_dir, files) is None else None
+
     def run(self, ctx):
         from spokes_lightning.megatron.export import export_selection
 
         tok = export_tokenizer(ctx)
+        previous = read_marker(ctx.run_dir / "stages" / f"{self.name}.json", ExportOutput)  # the last export
         out = {}
         e = ctx.cfg.export
         pool = pool_documents(ctx)
         for method in ordered_methods(ctx.cfg, ctx.output(SelectOutput).methods):
             rows, copies = _selected_rows(ctx, method)
+            inputs = self.method_inputs(ctx, method, rows, copies)
+            kept = self.kept(ctx, previous, method, inputs)
+            if kept is not None:  # e.g. another method added: this one's files are as they were
+                out[method] = kept
+                log(f"export: {method}: the same documents and settings as its last export; its files are kept")
+                continue
             res = export_selection(pool, rows, method, ctx.run_dir, tok, copies=copies,
                                    workers=int(e.get("workers") or 1), seq_length=int(e.seq_length),
                                    global_batch_size=int(e.global_batch_size), lr=float(e.lr),
@@ -56,7 +89,7 @@ class ExportStage(Stage):
                 megatron_prefix=ctx.rel(Path(res.data_prefix + ".bin"))[: -len(".bin")],
                 script=ctx.rel(Path(res.script_path)), jsonl=ctx.rel(Path(res.jsonl_path)),
                 parquet=ctx.rel(Path(res.parquet_path)),
-                timings={k: v for k, v in res.timings.items() if k.endswith("_s")})
+                timings={k: v for k, v in res.timings.items() if k.endswith("_s")}, inputs=inputs)
             log(f"export: {method}: {res.n_docs} documents, {res.n_tokens_without_eod} tokens -> {out[method].megatron_prefix}")
         return ExportOutput(methods=out)
 

@@ -392,6 +392,17 @@ def test_plugin_selector_runs_through_the_pipeline(finished, corpus, tmp_path):
     data = IndexedDataset(str(run_dir / export.megatron_prefix))
     assert len(data) == len(sel.ids) + 3  # each domain's best document twice in the Megatron data
     assert (data[0] == data[1]).all() and not (data[1].shape == data[2].shape and (data[1] == data[2]).all())
+    # one more method: the others' selections are unchanged, so their exported files are kept as they are
+    exported = {p: p.stat().st_mtime_ns for m in ("random", "domain_quota")
+                for p in (run_dir / "megatron").glob(f"{m}_text_document.*")}
+    more = launch(run_dir, corpus, f"selection.plugins=[{plugin}]", "selection.methods=[random,domain_quota,quality]",
+                  "+selection.specs.domain_quota={selector: domain_quota}", "selection.domains.kmeans=3",
+                  "stages=[corpus,tokenizer,proxy,features,select,export]")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in exported} == exported and len(exported) == 4
+    assert "export: random: the same documents and settings as its last export" in more.stderr
+    assert (run_dir / "megatron" / "quality_text_document.idx").exists() and "export: quality: " in more.stderr
+    assert read_stage_output(run_dir, ExportOutput).methods["domain_quota"] == export  # the same record
     bad = launch(copy_of(finished, tmp_path, "bad"), corpus, "selection.methods=[domain_quota]",
                  "+selection.specs.domain_quota={selector: domain_quota}", EARLY)
     assert "unknown method 'domain_quota'" in one_error_line(bad)  # without the plugin: one line, before work
