@@ -3,10 +3,11 @@
 The selected positions are cut into fixed contiguous shards of ``shard_docs`` documents
 (:func:`shard_ranges`: a pure function of the selection, independent of the number of workers or
 ranks). Shard ``s`` is tokenized into ``<shard_dir>/<name>.shard{s:05d}.bin/.idx``
-(:class:`~spokes_lightning.megatron.index_format.IndexedDatasetWriter`: the bytes of megatron-core's
-``IndexedDatasetBuilder``, as a single-process export writes those documents), by a spawned process pool (:func:`run_shard_jobs`) or, under ``torch.distributed``, by
-rank ``s % world`` (:func:`shards_for_rank`). :class:`ShardMerger` then concatenates the shards in
-order into one ``.bin/.idx``.
+(:class:`~spokes_lightning.megatron.index_format.IndexedDatasetWriter`: the bytes of
+megatron-core's ``IndexedDatasetBuilder``, as a single-process export writes those documents), by
+a spawned process pool (:func:`run_shard_jobs`) or, under ``torch.distributed``, by rank
+``s % world`` (:func:`shards_for_rank`). :class:`ShardMerger` then concatenates the shards in order
+into one ``.bin/.idx``.
 
 Why not ``IndexedDatasetBuilder.add_index`` for the merge: it streams the ``.bin`` (``shutil.copyfileobj``)
 but appends every sequence length and document index of the shard to Python lists of numpy scalars,
@@ -33,6 +34,7 @@ from spokes_lightning.megatron.index_format import (
     COUNTS,
     HEADER_BYTES,
     IndexedDatasetWriter,
+    index_counts,
     read_index_header,
     sequence_offsets,
 )
@@ -288,7 +290,7 @@ class ShardMerger:
             self.head, self.itemsize = head, item
         elif head != self.head:
             raise UserError(f"shard {shard_prefix} has another token dtype than the first shard")
-        tokens = sum(int(c.sum(dtype=np.int64)) for c in _chunks(idx, HEADER_BYTES + COUNTS.size, np.int32, n_seq))
+        _, tokens = index_counts(idx, MERGE_CHUNK)
         if os.path.getsize(bin_) != tokens * item:
             raise UserError(f"shard {shard_prefix}.bin does not match its index")
         with open(bin_, "rb") as src:

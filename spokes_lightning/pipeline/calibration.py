@@ -360,10 +360,6 @@ def _check_layers(ctx: ProxyContext, n: int, flag: str) -> None:
         raise UserError(f"{flag}={n} but the model has {ctx.n_model_layers} decoder layers")
 
 
-#: what ``all`` runs, with the settings that ``all`` does not take (each study's default)
-ALL_STUDIES = {"layers": {"method": "exact", "k": 8192, "exclude_head": False}, "k": {}, "projection": {}}
-
-
 def run_studies(args: argparse.Namespace) -> dict[str, dict[str, Path]]:
     """Run one study (or ``all``) from parsed arguments and write the outputs: ``{study: paths}``."""
     for name in ("model", "tokenizer"):
@@ -378,17 +374,14 @@ def run_studies(args: argparse.Namespace) -> dict[str, dict[str, Path]]:
         return {args.study: _run_one(args, ctx)}
     _check_layers(ctx, args.max_layers, "--max-layers")  # both checked before the first study runs
     _check_layers(ctx, args.n_layers, "--n-layers")
-    options = {study: {a.dest for a in parser._actions} for study, parser in _study_parsers().items()}
     out = {}
-    for study, fixed in ALL_STUDIES.items():
-        one = {k: v for k, v in {**vars(args), **fixed}.items() if k in options[study]}
-        out[study] = _run_one(argparse.Namespace(**one, study=study), ctx)
+    for study in ("layers", "k", "projection"):
+        # the study's own defaults, then what `all` was given; `all`'s --k is the projection's sketch
+        own = vars(build_parser().parse_args([study, "--model", args.model, "--documents", args.documents,
+                                              "--run-dir", str(args.run_dir)]))
+        given = {k: v for k, v in vars(args).items() if k in own and k != "study" and (k != "k" or study != "layers")}
+        out[study] = _run_one(argparse.Namespace(**{**own, **given}), ctx)
     return out
-
-
-def _study_parsers() -> dict[str, argparse.ArgumentParser]:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(sub.choices)
 
 
 def _run_one(args: argparse.Namespace, ctx: ProxyContext) -> dict[str, Path]:
